@@ -3,4 +3,5 @@
 
 pub mod error;
 pub mod field;
+pub mod row;
 pub mod update;
