@@ -1,7 +1,12 @@
 //! tokensync applies bulk partial updates of access tokens, read from CSV and JSON Lines
 //! files, to PostgreSQL: one transaction per file, a report per row.
 
+pub mod apply;
+pub mod config;
+pub mod db;
 pub mod error;
 pub mod field;
+pub mod report;
 pub mod row;
+pub mod secret;
 pub mod update;

@@ -1,0 +1,502 @@
+//! Applying validated updates to `access_tokens`, one row after another, inside the batch's
+//! transaction.
+//!
+//! This is the reference implementation of SPEC 1.4: each row runs in a savepoint, finds
+//! its token (`FOR UPDATE`), checks the rules that need the database in a fixed order and
+//! stops at the first failure, then writes the whole row back. A failed row's savepoint is
+//! rolled back, so it leaves no trace and the rows after it see the state without it.
+
+use crate::db::DbError;
+use crate::error::{ErrorCode, RowError};
+use crate::field::{Field, ResultField};
+use crate::secret;
+use crate::update::{CustomFieldDefinitions, CustomFieldsPatch, DataType, Patch, Secret};
+use crate::update::{TokenKey, TokenUpdate};
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{GenericClient, Row, Statement, Transaction};
+use uuid::Uuid;
+
+/// What applying one row came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOutcome {
+    /// The token changed. Holds the row's result when it gave `fields_set`.
+    Applied(Option<Value>),
+    /// The token was found but no value changed.
+    Unchanged(Option<Value>),
+    /// The row failed and left no trace.
+    Failed(Vec<RowError>),
+}
+
+/// `access_token_definition`: the settings that decide which fields may be null.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Definition {
+    pub allow_no_identifier_and_pass_code: bool,
+    pub auto_generate_authentication_code: bool,
+}
+
+/// Reads `access_token_definition` (its one row; defaults when it is missing).
+///
+/// # Errors
+/// When the query fails.
+pub async fn load_definition(client: &impl GenericClient) -> Result<Definition, DbError> {
+    let sql = "SELECT allow_no_identifier_and_pass_code, auto_generate_authentication_code \
+               FROM access_token_definition LIMIT 1";
+    let row = client.query_opt(sql, &[]).await.map_err(DbError::query("cannot read the definition"))?;
+    Ok(row.map_or_else(Definition::default, |row| Definition {
+        allow_no_identifier_and_pass_code: row.get(0),
+        auto_generate_authentication_code: row.get(1),
+    }))
+}
+
+/// Reads `custom_field_definitions`. A definition with an unknown data type is left out, so
+/// a row that uses it fails with `UNKNOWN_CUSTOM_FIELD`.
+///
+/// # Errors
+/// When the query fails.
+pub async fn load_custom_fields(
+    client: &impl GenericClient,
+) -> Result<CustomFieldDefinitions, DbError> {
+    let sql = "SELECT name, data_type FROM custom_field_definitions";
+    let rows =
+        client.query(sql, &[]).await.map_err(DbError::query("cannot read custom field definitions"))?;
+    let mut definitions = CustomFieldDefinitions::new();
+    for row in rows {
+        let name: String = row.get(0);
+        let data_type: String = row.get(1);
+        match DataType::parse(&data_type) {
+            Some(data_type) => {
+                definitions.insert(name, data_type);
+            }
+            None => tracing::warn!(field = %name, %data_type, "Custom field has an unknown data type."),
+        }
+    }
+    Ok(definitions)
+}
+
+const TOKEN_COLUMNS: &str = "t.id, t.classification_id, t.authentication_code, t.identifier, \
+    t.pass_code_hash, t.card_masked_number, \
+    t.udf_string_1, t.udf_string_2, t.udf_string_3, t.udf_string_4, \
+    t.udf_string_5, t.udf_string_6, t.udf_string_7, t.udf_string_8, \
+    t.udf_float_1, t.udf_float_2, t.udf_float_3, t.udf_float_4, \
+    t.udf_date_1, t.udf_date_2, t.udf_date_3, t.udf_date_4, \
+    t.custom_fields, t.created_at, t.updated_at, \
+    coalesce(c.auto_generate_authentication_code, false), coalesce(c.credit_card, false)";
+
+/// An access token as stored, with the flags of its classification.
+#[derive(Debug, Clone, PartialEq)]
+struct Token {
+    id: Uuid,
+    classification_id: Option<Uuid>,
+    authentication_code: String,
+    identifier: Option<String>,
+    pass_code_hash: Option<String>,
+    card_masked_number: Option<String>,
+    udf_strings: [Option<String>; 8],
+    udf_floats: [Option<f64>; 4],
+    udf_dates: [Option<NaiveDate>; 4],
+    custom_fields: Map<String, Value>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    is_auto_generated_by_classification: bool,
+    is_credit_card: bool,
+}
+
+impl Token {
+    fn from_row(row: &Row) -> Token {
+        let custom_fields = match row.get::<_, Value>(22) {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        Token {
+            id: row.get(0),
+            classification_id: row.get(1),
+            authentication_code: row.get(2),
+            identifier: row.get(3),
+            pass_code_hash: row.get(4),
+            card_masked_number: row.get(5),
+            udf_strings: std::array::from_fn(|i| row.get(6 + i)),
+            udf_floats: std::array::from_fn(|i| row.get(14 + i)),
+            udf_dates: std::array::from_fn(|i| row.get(18 + i)),
+            custom_fields,
+            created_at: row.get(23),
+            updated_at: row.get(24),
+            is_auto_generated_by_classification: row.get(25),
+            is_credit_card: row.get(26),
+        }
+    }
+
+    /// The row's result: the listed fields of the token as it is now.
+    fn result(&self, fields: &[ResultField]) -> Value {
+        let mut object = Map::new();
+        for field in fields {
+            object.insert(field.name().to_owned(), self.field_value(*field));
+        }
+        Value::Object(object)
+    }
+
+    fn field_value(&self, field: ResultField) -> Value {
+        let date = |date: &Option<NaiveDate>| match date {
+            Some(date) => Value::from(date.format("%Y-%m-%d").to_string()),
+            None => Value::Null,
+        };
+        match field {
+            ResultField::Id => Value::from(self.id.to_string()),
+            ResultField::ClassificationId => {
+                self.classification_id.map_or(Value::Null, |id| Value::from(id.to_string()))
+            }
+            ResultField::Field(Field::AuthenticationCode) => {
+                Value::from(self.authentication_code.as_str())
+            }
+            ResultField::Field(Field::Identifier) => Value::from(self.identifier.clone()),
+            // A result never holds the pass code; `ResultField::parse` refuses it.
+            ResultField::Field(Field::PassCode) => Value::Null,
+            ResultField::Field(Field::CardMaskedNumber) => {
+                Value::from(self.card_masked_number.clone())
+            }
+            ResultField::Field(Field::UdfString(i)) => {
+                Value::from(self.udf_strings[usize::from(i)].clone())
+            }
+            ResultField::Field(Field::UdfFloat(i)) => Value::from(self.udf_floats[usize::from(i)]),
+            ResultField::Field(Field::UdfDate(i)) => date(&self.udf_dates[usize::from(i)]),
+            ResultField::CustomFieldSet => Value::Array(
+                self.custom_fields
+                    .iter()
+                    .map(|(name, value)| {
+                        Value::Object(Map::from_iter([(name.clone(), value.clone())]))
+                    })
+                    .collect(),
+            ),
+            ResultField::CreatedAt => Value::from(timestamp(self.created_at)),
+            ResultField::UpdatedAt => Value::from(timestamp(self.updated_at)),
+        }
+    }
+}
+
+fn timestamp(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// The statements one row needs, prepared once per batch.
+struct Statements {
+    by_authentication_code: Statement,
+    by_identifier: Statement,
+    authentication_code_taken: Statement,
+    identifier_taken: Statement,
+    update: Statement,
+}
+
+/// A stand-in for the hash of a new pass code in a dry run, which is never committed.
+const DRY_RUN_HASH: &str = "$dry-run$";
+
+/// Applies the rows of one batch, one after another, in its transaction.
+pub struct Applier {
+    definition: Definition,
+    statements: Statements,
+    is_dry_run: bool,
+}
+
+impl Applier {
+    /// Prepares the statements and reads the definition. A dry run (`validate`) does not
+    /// hash new pass codes: its transaction is never committed.
+    ///
+    /// # Errors
+    /// When the database refuses to prepare or read.
+    pub async fn new(tx: &Transaction<'_>, is_dry_run: bool) -> Result<Applier, DbError> {
+        let definition = load_definition(tx).await?;
+        let select = |key: &str| {
+            format!(
+                "SELECT {TOKEN_COLUMNS} FROM access_tokens t \
+                 LEFT JOIN access_token_classifications c ON c.id = t.classification_id \
+                 WHERE t.{key} = $1 FOR UPDATE OF t"
+            )
+        };
+        let statements = Statements {
+            by_authentication_code: prepare(tx, &select("authentication_code")).await?,
+            by_identifier: prepare(tx, &select("identifier")).await?,
+            authentication_code_taken: prepare(
+                tx,
+                "SELECT 1 FROM access_tokens WHERE authentication_code = $1 AND id <> $2",
+            )
+            .await?,
+            identifier_taken: prepare(
+                tx,
+                "SELECT 1 FROM access_tokens WHERE identifier = $1 AND id <> $2",
+            )
+            .await?,
+            update: prepare(tx, UPDATE_SQL).await?,
+        };
+        Ok(Applier { definition, statements, is_dry_run })
+    }
+
+    /// Applies one row in a savepoint of `tx`.
+    ///
+    /// # Errors
+    /// Only when the database fails; a row the rules refuse is a [`RowOutcome::Failed`].
+    pub async fn apply(
+        &self,
+        tx: &mut Transaction<'_>,
+        update: &TokenUpdate,
+    ) -> Result<RowOutcome, DbError> {
+        let savepoint = tx.savepoint("row").await.map_err(DbError::query("cannot start a row"))?;
+        let outcome = self.apply_in(&savepoint, update).await;
+        let keep = matches!(outcome, Ok(RowOutcome::Applied(_) | RowOutcome::Unchanged(_)));
+        if keep {
+            savepoint.commit().await.map_err(DbError::query("cannot finish a row"))?;
+        } else {
+            savepoint.rollback().await.map_err(DbError::query("cannot undo a failed row"))?;
+        }
+        outcome
+    }
+
+    async fn apply_in(&self, tx: &Transaction<'_>, update: &TokenUpdate) -> Result<RowOutcome, DbError> {
+        let line = update.line;
+        let Some(token) = self.find(tx, &update.key).await? else {
+            let message = "no access token matches the identifier";
+            return Ok(RowOutcome::Failed(vec![RowError::field(
+                line,
+                "access_token_identifier",
+                ErrorCode::AccessTokenNotFound,
+                message,
+            )]));
+        };
+
+        let next = match self.next_state(tx, &token, update).await? {
+            Ok(next) => next,
+            Err(error) => return Ok(RowOutcome::Failed(vec![error])),
+        };
+        let result = |token: &Token| update.fields_set.as_ref().map(|fields| token.result(fields));
+        if next == token {
+            return Ok(RowOutcome::Unchanged(result(&token)));
+        }
+
+        match self.write(tx, &next).await {
+            Ok(updated_at) => {
+                let next = Token { updated_at, ..next };
+                Ok(RowOutcome::Applied(result(&next)))
+            }
+            Err(error) => match unique_violation_field(&error) {
+                Some(field) => {
+                    let message = "another access token already has this value";
+                    let error = RowError::field(line, field, ErrorCode::DuplicateValue, message);
+                    Ok(RowOutcome::Failed(vec![error]))
+                }
+                None => Err(DbError::Query { context: "cannot update an access token", source: error }),
+            },
+        }
+    }
+
+    /// Finds the token a row names, verifying the pass code when it names one by
+    /// identifier. A wrong pass code looks exactly like an unknown identifier.
+    async fn find(&self, tx: &Transaction<'_>, key: &TokenKey) -> Result<Option<Token>, DbError> {
+        let lookup_error = DbError::query("cannot look up an access token");
+        match key {
+            TokenKey::AuthenticationCode(code) => {
+                let statement = &self.statements.by_authentication_code;
+                let row = tx.query_opt(statement, &[&code.expose()]).await.map_err(lookup_error)?;
+                Ok(row.as_ref().map(Token::from_row))
+            }
+            TokenKey::Identifier { identifier, pass_code } => {
+                let statement = &self.statements.by_identifier;
+                let row = tx.query_opt(statement, &[identifier]).await.map_err(lookup_error)?;
+                let Some(token) = row.as_ref().map(Token::from_row) else { return Ok(None) };
+                let Some(hash) = token.pass_code_hash.clone() else { return Ok(None) };
+                let is_match = secret::verify_pass_code(pass_code.clone(), hash).await;
+                Ok(is_match.then_some(token))
+            }
+        }
+    }
+
+    /// The token as the row leaves it, or the first rule the row breaks.
+    async fn next_state(
+        &self,
+        tx: &Transaction<'_>,
+        token: &Token,
+        update: &TokenUpdate,
+    ) -> Result<Result<Token, RowError>, DbError> {
+        let line = update.line;
+        let fail = |field: &str, code: ErrorCode, message: &str| {
+            Ok(Err(RowError::field(line, field, code, message)))
+        };
+        let taken = "another access token already has this value";
+        let mut next = token.clone();
+
+        match &update.authentication_code {
+            Patch::Absent => {}
+            Patch::Value(code) => {
+                if code.expose() != token.authentication_code
+                    && self.is_taken(tx, &self.statements.authentication_code_taken, code.expose(), token.id).await?
+                {
+                    return fail("authentication_code", ErrorCode::DuplicateValue, taken);
+                }
+                next.authentication_code = code.expose().to_owned();
+            }
+            Patch::Null => {
+                let is_generated = self.definition.auto_generate_authentication_code
+                    || token.is_auto_generated_by_classification;
+                if !is_generated {
+                    let message = "authentication codes are not generated automatically here";
+                    return fail("authentication_code", ErrorCode::NotNullable, message);
+                }
+                next.authentication_code = self.unused_code(tx, token.id).await?;
+            }
+        }
+
+        match &update.identifier {
+            Patch::Absent => {}
+            Patch::Value(identifier) => {
+                if token.identifier.as_ref() != Some(identifier)
+                    && self.is_taken(tx, &self.statements.identifier_taken, identifier, token.id).await?
+                {
+                    return fail("identifier", ErrorCode::DuplicateValue, taken);
+                }
+                next.identifier = Some(identifier.clone());
+            }
+            Patch::Null => {
+                if !self.definition.allow_no_identifier_and_pass_code {
+                    let message = "access tokens must have an identifier here";
+                    return fail("identifier", ErrorCode::NotNullable, message);
+                }
+                next.identifier = None;
+            }
+        }
+
+        match &update.pass_code {
+            Patch::Absent => {}
+            Patch::Value(pass_code) => next.pass_code_hash = Some(self.hash(pass_code).await),
+            Patch::Null => {
+                if !self.definition.allow_no_identifier_and_pass_code {
+                    let message = "access tokens must have a pass code here";
+                    return fail("pass_code", ErrorCode::NotNullable, message);
+                }
+                next.pass_code_hash = None;
+            }
+        }
+        let sets_identifier = matches!(update.identifier, Patch::Value(_));
+        if sets_identifier && next.pass_code_hash.is_none() {
+            let message = "a token with an identifier needs a pass code";
+            return fail("pass_code", ErrorCode::PassCodeRequired, message);
+        }
+        if matches!(update.pass_code, Patch::Null) && next.identifier.is_some() {
+            let message = "a token with an identifier needs a pass code";
+            return fail("pass_code", ErrorCode::PassCodeRequired, message);
+        }
+
+        if !update.card_masked_number.is_absent() {
+            if !token.is_credit_card {
+                let message = "the token's classification is not a credit card";
+                return fail("card_masked_number", ErrorCode::CardNotApplicable, message);
+            }
+            let card = update.card_masked_number.as_ref().resolve(None);
+            next.card_masked_number = card.map(|card| card.expose().to_owned());
+        }
+
+        for (slot, patch) in next.udf_strings.iter_mut().zip(&update.udf_strings) {
+            *slot = patch.resolve(slot.take());
+        }
+        for (slot, patch) in next.udf_floats.iter_mut().zip(&update.udf_floats) {
+            *slot = patch.resolve(*slot);
+        }
+        for (slot, patch) in next.udf_dates.iter_mut().zip(&update.udf_dates) {
+            *slot = patch.resolve(*slot);
+        }
+
+        match &update.custom_fields {
+            CustomFieldsPatch::Absent => {}
+            CustomFieldsPatch::Clear => next.custom_fields.clear(),
+            CustomFieldsPatch::Change(changes) => {
+                for (name, value) in changes {
+                    match value {
+                        Some(value) => next.custom_fields.insert(name.clone(), value.clone()),
+                        None => next.custom_fields.remove(name),
+                    };
+                }
+            }
+        }
+        Ok(Ok(next))
+    }
+
+    async fn is_taken(
+        &self,
+        tx: &Transaction<'_>,
+        statement: &Statement,
+        value: &str,
+        id: Uuid,
+    ) -> Result<bool, DbError> {
+        let row = tx
+            .query_opt(statement, &[&value, &id])
+            .await
+            .map_err(DbError::query("cannot check that a value is unique"))?;
+        Ok(row.is_some())
+    }
+
+    /// A generated authentication code that no other token has.
+    async fn unused_code(&self, tx: &Transaction<'_>, id: Uuid) -> Result<String, DbError> {
+        loop {
+            let code = secret::generate_authentication_code();
+            let statement = &self.statements.authentication_code_taken;
+            if !self.is_taken(tx, statement, &code, id).await? {
+                return Ok(code);
+            }
+        }
+    }
+
+    async fn hash(&self, pass_code: &Secret) -> String {
+        if self.is_dry_run {
+            return DRY_RUN_HASH.to_owned();
+        }
+        secret::hash_pass_code(pass_code.clone()).await
+    }
+
+    /// Writes every column of the token back; gives the new `updated_at`.
+    async fn write(&self, tx: &Transaction<'_>, token: &Token) -> Result<DateTime<Utc>, tokio_postgres::Error> {
+        let custom_fields = Value::Object(token.custom_fields.clone());
+        let [s1, s2, s3, s4, s5, s6, s7, s8] = &token.udf_strings;
+        let [f1, f2, f3, f4] = &token.udf_floats;
+        let [d1, d2, d3, d4] = &token.udf_dates;
+        let row = tx
+            .query_one(
+                &self.statements.update,
+                &[
+                    &token.id,
+                    &token.authentication_code,
+                    &token.identifier,
+                    &token.pass_code_hash,
+                    &token.card_masked_number,
+                    s1, s2, s3, s4, s5, s6, s7, s8,
+                    f1, f2, f3, f4,
+                    d1, d2, d3, d4,
+                    &custom_fields,
+                ],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+}
+
+async fn prepare(tx: &Transaction<'_>, sql: &str) -> Result<Statement, DbError> {
+    tx.prepare(sql).await.map_err(DbError::query("cannot prepare the update statements"))
+}
+
+const UPDATE_SQL: &str = "UPDATE access_tokens SET \
+    authentication_code = $2, identifier = $3, pass_code_hash = $4, card_masked_number = $5, \
+    udf_string_1 = $6, udf_string_2 = $7, udf_string_3 = $8, udf_string_4 = $9, \
+    udf_string_5 = $10, udf_string_6 = $11, udf_string_7 = $12, udf_string_8 = $13, \
+    udf_float_1 = $14, udf_float_2 = $15, udf_float_3 = $16, udf_float_4 = $17, \
+    udf_date_1 = $18, udf_date_2 = $19, udf_date_3 = $20, udf_date_4 = $21, \
+    custom_fields = $22, updated_at = now() \
+    WHERE id = $1 RETURNING updated_at";
+
+/// The field whose unique constraint an error broke, if it is a unique violation.
+fn unique_violation_field(error: &tokio_postgres::Error) -> Option<&'static str> {
+    if error.code() != Some(&SqlState::UNIQUE_VIOLATION) {
+        return None;
+    }
+    let constraint = error.as_db_error().and_then(|e| e.constraint()).unwrap_or_default();
+    if constraint.contains("identifier") {
+        Some("identifier")
+    } else {
+        Some("authentication_code")
+    }
+}

@@ -1,0 +1,165 @@
+//! Connections to PostgreSQL and the schema migrations.
+//!
+//! Every connection sets `search_path` to `database.schema`, so the SQL elsewhere names
+//! tables without a schema. `migrate` creates the database named in `database.url` when it
+//! does not exist, then the schema, then runs the versioned SQL files of `sql/`, embedded
+//! in the binary by refinery, under an advisory lock so that two at once do no harm.
+
+use crate::config::DatabaseConfig;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::{Client, NoTls};
+
+mod embedded {
+    refinery::embed_migrations!("sql");
+}
+
+/// An advisory lock key that serialises concurrent `migrate` runs ("tokensync" in ASCII).
+const MIGRATE_LOCK: i64 = 0x746f_6b65_6e73;
+
+/// A failure to reach or use the database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database.url is not a valid connection string: {0}")]
+    Url(#[source] tokio_postgres::Error),
+    #[error("cannot connect to the database")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("{context}")]
+    Query {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("cannot get a database connection")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("cannot run the migrations")]
+    Migrate(#[from] refinery::Error),
+}
+
+impl DbError {
+    /// Wraps a query error with what was being done.
+    pub fn query(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DbError {
+        move |source| DbError::Query { context, source }
+    }
+
+    /// Whether the error means the database went away or cannot be reached (rather than a
+    /// statement being refused).
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            DbError::Connect(_) | DbError::Pool(_) => true,
+            DbError::Query { source, .. } => source.is_closed() || source.as_db_error().is_none(),
+            DbError::Url(_) | DbError::Migrate(_) => false,
+        }
+    }
+}
+
+/// The connection settings of `config`, with `search_path` set to its schema.
+///
+/// # Errors
+/// When `database.url` cannot be parsed.
+pub fn pg_config(config: &DatabaseConfig) -> Result<tokio_postgres::Config, DbError> {
+    let mut pg: tokio_postgres::Config = config.url.parse().map_err(DbError::Url)?;
+    // The schema name is checked to be a plain identifier, so it needs no escaping here.
+    pg.options(format!("-c search_path={}", config.schema));
+    if pg.get_application_name().is_none() {
+        pg.application_name("tokensync");
+    }
+    Ok(pg)
+}
+
+/// Opens one connection, driven by a background task.
+///
+/// # Errors
+/// When the database cannot be reached.
+pub async fn connect(config: &DatabaseConfig) -> Result<Client, DbError> {
+    connect_with(&pg_config(config)?).await
+}
+
+async fn connect_with(pg: &tokio_postgres::Config) -> Result<Client, DbError> {
+    // TODO: TLS (sslmode=require / verify-full, SPEC 8) is not wired yet; connections are
+    // plain, which is right for the local socket and loopback but not across a network.
+    let (client, connection) = pg.connect(NoTls).await.map_err(DbError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "Database connection closed.");
+        }
+    });
+    Ok(client)
+}
+
+/// A pool of connections for the daemon and `--run-now`.
+///
+/// # Errors
+/// When `database.url` cannot be parsed.
+pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
+    let manager = Manager::from_config(
+        pg_config(config)?,
+        NoTls,
+        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+    );
+    let pool = Pool::builder(manager)
+        .max_size(config.pool_size)
+        .build()
+        .expect("a pool without a runtime-dependent timeout always builds");
+    Ok(pool)
+}
+
+/// Creates the database if needed, then the schema, then applies every migration not yet
+/// applied.
+///
+/// # Errors
+/// When the database cannot be reached or created, or a migration fails.
+pub async fn migrate(config: &DatabaseConfig) -> Result<(), DbError> {
+    let pg = pg_config(config)?;
+    let mut client = match connect_with(&pg).await {
+        Ok(client) => client,
+        Err(error) if is_missing_database(&error) => {
+            create_database(&pg).await?;
+            connect_with(&pg).await?
+        }
+        Err(error) => return Err(error),
+    };
+
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .await
+        .map_err(DbError::query("cannot take the migration lock"))?;
+    let schema_sql = format!("CREATE SCHEMA IF NOT EXISTS {}", config.schema);
+    client.batch_execute(&schema_sql).await.map_err(DbError::query("cannot create the schema"))?;
+    let report = embedded::migrations::runner().run_async(&mut client).await?;
+    for migration in report.applied_migrations() {
+        tracing::info!(version = migration.version(), name = migration.name(), "Migration applied.");
+    }
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
+        .await
+        .map_err(DbError::query("cannot release the migration lock"))?;
+    Ok(())
+}
+
+fn is_missing_database(error: &DbError) -> bool {
+    let DbError::Connect(source) = error else { return false };
+    source.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME)
+}
+
+/// Creates the database named in `pg` through the `postgres` maintenance database.
+async fn create_database(pg: &tokio_postgres::Config) -> Result<(), DbError> {
+    let name = pg.get_dbname().unwrap_or_default().to_owned();
+    let mut maintenance = pg.clone();
+    maintenance.dbname("postgres");
+    let client = connect_with(&maintenance).await?;
+    let sql = format!("CREATE DATABASE {}", quote_identifier(&name));
+    match client.batch_execute(&sql).await {
+        Ok(()) => {
+            tracing::info!(database = %name, "Database created.");
+            Ok(())
+        }
+        // Another process created it in the meantime.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => Ok(()),
+        Err(e) => Err(DbError::Query { context: "cannot create the database", source: e }),
+    }
+}
+
+/// Quotes an SQL identifier, doubling any quote inside it.
+pub fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
