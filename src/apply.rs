@@ -43,7 +43,10 @@ pub struct Definition {
 pub async fn load_definition(client: &impl GenericClient) -> Result<Definition, DbError> {
     let sql = "SELECT allow_no_identifier_and_pass_code, auto_generate_authentication_code \
                FROM access_token_definition LIMIT 1";
-    let row = client.query_opt(sql, &[]).await.map_err(DbError::query("cannot read the definition"))?;
+    let row = client
+        .query_opt(sql, &[])
+        .await
+        .map_err(DbError::query("cannot read the definition"))?;
     Ok(row.map_or_else(Definition::default, |row| Definition {
         allow_no_identifier_and_pass_code: row.get(0),
         auto_generate_authentication_code: row.get(1),
@@ -59,8 +62,10 @@ pub async fn load_custom_fields(
     client: &impl GenericClient,
 ) -> Result<CustomFieldDefinitions, DbError> {
     let sql = "SELECT name, data_type FROM custom_field_definitions";
-    let rows =
-        client.query(sql, &[]).await.map_err(DbError::query("cannot read custom field definitions"))?;
+    let rows = client
+        .query(sql, &[])
+        .await
+        .map_err(DbError::query("cannot read custom field definitions"))?;
     let mut definitions = CustomFieldDefinitions::new();
     for row in rows {
         let name: String = row.get(0);
@@ -69,7 +74,9 @@ pub async fn load_custom_fields(
             Some(data_type) => {
                 definitions.insert(name, data_type);
             }
-            None => tracing::warn!(field = %name, %data_type, "Custom field has an unknown data type."),
+            None => {
+                tracing::warn!(field = %name, %data_type, "Custom field has an unknown data type.")
+            }
         }
     }
     Ok(definitions)
@@ -143,9 +150,9 @@ impl Token {
         };
         match field {
             ResultField::Id => Value::from(self.id.to_string()),
-            ResultField::ClassificationId => {
-                self.classification_id.map_or(Value::Null, |id| Value::from(id.to_string()))
-            }
+            ResultField::ClassificationId => self
+                .classification_id
+                .map_or(Value::Null, |id| Value::from(id.to_string())),
             ResultField::Field(Field::AuthenticationCode) => {
                 Value::from(self.authentication_code.as_str())
             }
@@ -160,14 +167,14 @@ impl Token {
             }
             ResultField::Field(Field::UdfFloat(i)) => Value::from(self.udf_floats[usize::from(i)]),
             ResultField::Field(Field::UdfDate(i)) => date(&self.udf_dates[usize::from(i)]),
-            ResultField::CustomFieldSet => Value::Array(
-                self.custom_fields
-                    .iter()
-                    .map(|(name, value)| {
-                        Value::Object(Map::from_iter([(name.clone(), value.clone())]))
-                    })
-                    .collect(),
-            ),
+            ResultField::CustomFieldSet => {
+                let mut fields: Vec<_> = self.custom_fields.iter().collect();
+                fields.sort_by(|a, b| a.0.cmp(b.0));
+                let one_key = |(name, value): (&String, &Value)| {
+                    Value::Object(Map::from_iter([(name.clone(), value.clone())]))
+                };
+                Value::Array(fields.into_iter().map(one_key).collect())
+            }
             ResultField::CreatedAt => Value::from(timestamp(self.created_at)),
             ResultField::UpdatedAt => Value::from(timestamp(self.updated_at)),
         }
@@ -227,7 +234,11 @@ impl Applier {
             .await?,
             update: prepare(tx, UPDATE_SQL).await?,
         };
-        Ok(Applier { definition, statements, is_dry_run })
+        Ok(Applier {
+            definition,
+            statements,
+            is_dry_run,
+        })
     }
 
     /// Applies one row in a savepoint of `tx`.
@@ -239,18 +250,34 @@ impl Applier {
         tx: &mut Transaction<'_>,
         update: &TokenUpdate,
     ) -> Result<RowOutcome, DbError> {
-        let savepoint = tx.savepoint("row").await.map_err(DbError::query("cannot start a row"))?;
+        let savepoint = tx
+            .savepoint("row")
+            .await
+            .map_err(DbError::query("cannot start a row"))?;
         let outcome = self.apply_in(&savepoint, update).await;
-        let keep = matches!(outcome, Ok(RowOutcome::Applied(_) | RowOutcome::Unchanged(_)));
+        let keep = matches!(
+            outcome,
+            Ok(RowOutcome::Applied(_) | RowOutcome::Unchanged(_))
+        );
         if keep {
-            savepoint.commit().await.map_err(DbError::query("cannot finish a row"))?;
+            savepoint
+                .commit()
+                .await
+                .map_err(DbError::query("cannot finish a row"))?;
         } else {
-            savepoint.rollback().await.map_err(DbError::query("cannot undo a failed row"))?;
+            savepoint
+                .rollback()
+                .await
+                .map_err(DbError::query("cannot undo a failed row"))?;
         }
         outcome
     }
 
-    async fn apply_in(&self, tx: &Transaction<'_>, update: &TokenUpdate) -> Result<RowOutcome, DbError> {
+    async fn apply_in(
+        &self,
+        tx: &Transaction<'_>,
+        update: &TokenUpdate,
+    ) -> Result<RowOutcome, DbError> {
         let line = update.line;
         let Some(token) = self.find(tx, &update.key).await? else {
             let message = "no access token matches the identifier";
@@ -266,7 +293,12 @@ impl Applier {
             Ok(next) => next,
             Err(error) => return Ok(RowOutcome::Failed(vec![error])),
         };
-        let result = |token: &Token| update.fields_set.as_ref().map(|fields| token.result(fields));
+        let result = |token: &Token| {
+            update
+                .fields_set
+                .as_ref()
+                .map(|fields| token.result(fields))
+        };
         if next == token {
             return Ok(RowOutcome::Unchanged(result(&token)));
         }
@@ -282,7 +314,10 @@ impl Applier {
                     let error = RowError::field(line, field, ErrorCode::DuplicateValue, message);
                     Ok(RowOutcome::Failed(vec![error]))
                 }
-                None => Err(DbError::Query { context: "cannot update an access token", source: error }),
+                None => Err(DbError::Query {
+                    context: "cannot update an access token",
+                    source: error,
+                }),
             },
         }
     }
@@ -294,14 +329,27 @@ impl Applier {
         match key {
             TokenKey::AuthenticationCode(code) => {
                 let statement = &self.statements.by_authentication_code;
-                let row = tx.query_opt(statement, &[&code.expose()]).await.map_err(lookup_error)?;
+                let row = tx
+                    .query_opt(statement, &[&code.expose()])
+                    .await
+                    .map_err(lookup_error)?;
                 Ok(row.as_ref().map(Token::from_row))
             }
-            TokenKey::Identifier { identifier, pass_code } => {
+            TokenKey::Identifier {
+                identifier,
+                pass_code,
+            } => {
                 let statement = &self.statements.by_identifier;
-                let row = tx.query_opt(statement, &[identifier]).await.map_err(lookup_error)?;
-                let Some(token) = row.as_ref().map(Token::from_row) else { return Ok(None) };
-                let Some(hash) = token.pass_code_hash.clone() else { return Ok(None) };
+                let row = tx
+                    .query_opt(statement, &[identifier])
+                    .await
+                    .map_err(lookup_error)?;
+                let Some(token) = row.as_ref().map(Token::from_row) else {
+                    return Ok(None);
+                };
+                let Some(hash) = token.pass_code_hash.clone() else {
+                    return Ok(None);
+                };
                 let is_match = secret::verify_pass_code(pass_code.clone(), hash).await;
                 Ok(is_match.then_some(token))
             }
@@ -326,7 +374,14 @@ impl Applier {
             Patch::Absent => {}
             Patch::Value(code) => {
                 if code.expose() != token.authentication_code
-                    && self.is_taken(tx, &self.statements.authentication_code_taken, code.expose(), token.id).await?
+                    && self
+                        .is_taken(
+                            tx,
+                            &self.statements.authentication_code_taken,
+                            code.expose(),
+                            token.id,
+                        )
+                        .await?
                 {
                     return fail("authentication_code", ErrorCode::DuplicateValue, taken);
                 }
@@ -347,7 +402,9 @@ impl Applier {
             Patch::Absent => {}
             Patch::Value(identifier) => {
                 if token.identifier.as_ref() != Some(identifier)
-                    && self.is_taken(tx, &self.statements.identifier_taken, identifier, token.id).await?
+                    && self
+                        .is_taken(tx, &self.statements.identifier_taken, identifier, token.id)
+                        .await?
                 {
                     return fail("identifier", ErrorCode::DuplicateValue, taken);
                 }
@@ -450,7 +507,11 @@ impl Applier {
     }
 
     /// Writes every column of the token back; gives the new `updated_at`.
-    async fn write(&self, tx: &Transaction<'_>, token: &Token) -> Result<DateTime<Utc>, tokio_postgres::Error> {
+    async fn write(
+        &self,
+        tx: &Transaction<'_>,
+        token: &Token,
+    ) -> Result<DateTime<Utc>, tokio_postgres::Error> {
         let custom_fields = Value::Object(token.custom_fields.clone());
         let [s1, s2, s3, s4, s5, s6, s7, s8] = &token.udf_strings;
         let [f1, f2, f3, f4] = &token.udf_floats;
@@ -464,9 +525,22 @@ impl Applier {
                     &token.identifier,
                     &token.pass_code_hash,
                     &token.card_masked_number,
-                    s1, s2, s3, s4, s5, s6, s7, s8,
-                    f1, f2, f3, f4,
-                    d1, d2, d3, d4,
+                    s1,
+                    s2,
+                    s3,
+                    s4,
+                    s5,
+                    s6,
+                    s7,
+                    s8,
+                    f1,
+                    f2,
+                    f3,
+                    f4,
+                    d1,
+                    d2,
+                    d3,
+                    d4,
                     &custom_fields,
                 ],
             )
@@ -476,7 +550,9 @@ impl Applier {
 }
 
 async fn prepare(tx: &Transaction<'_>, sql: &str) -> Result<Statement, DbError> {
-    tx.prepare(sql).await.map_err(DbError::query("cannot prepare the update statements"))
+    tx.prepare(sql)
+        .await
+        .map_err(DbError::query("cannot prepare the update statements"))
 }
 
 const UPDATE_SQL: &str = "UPDATE access_tokens SET \
@@ -493,7 +569,10 @@ fn unique_violation_field(error: &tokio_postgres::Error) -> Option<&'static str>
     if error.code() != Some(&SqlState::UNIQUE_VIOLATION) {
         return None;
     }
-    let constraint = error.as_db_error().and_then(|e| e.constraint()).unwrap_or_default();
+    let constraint = error
+        .as_db_error()
+        .and_then(|e| e.constraint())
+        .unwrap_or_default();
     if constraint.contains("identifier") {
         Some("identifier")
     } else {

@@ -30,7 +30,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.to_owned(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
 }
 
 /// What to do with a batch in which some rows fail (`apply.on_row_error`).
@@ -76,6 +79,9 @@ pub struct ScheduleConfig {
     pub cron: String,
     /// How long a file must be left unmodified before it is taken.
     pub min_file_age: Duration,
+    /// Whether `min_file_age` was set in the file or the environment (`--run-now` honours it
+    /// only then).
+    pub is_min_file_age_set: bool,
     /// How long a stopping daemon lets the batch in flight finish.
     pub shutdown_timeout: Duration,
 }
@@ -110,18 +116,31 @@ impl Config {
     /// # Errors
     /// A file that cannot be read or parsed, or a key with a bad value.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(RawConfig::default()));
+        let mut given = Figment::new();
         if let Some(file) = file {
             if !file.is_file() {
-                return Err(invalid("--config", format!("no such file: {}", file.display())));
+                return Err(invalid(
+                    "--config",
+                    format!("no such file: {}", file.display()),
+                ));
             }
-            figment = figment.merge(Toml::file_exact(file));
+            given = given.merge(Toml::file_exact(file));
         }
-        let figment = figment
-            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
+        let given = given
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL"])
+                    .map(|_| "database.url".into()),
+            )
             .merge(tokensync_env());
-        let raw: RawConfig = figment.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
-        Config::try_from(raw)
+        let is_min_file_age_set = given.find_value("schedule.min_file_age").is_ok();
+        let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(given)
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))?;
+        let mut config = Config::try_from(raw)?;
+        config.schedule.is_min_file_age_set = is_min_file_age_set;
+        Ok(config)
     }
 
     /// The reading settings of [`crate::row`].
@@ -141,7 +160,9 @@ fn tokensync_env() -> Env {
     Env::prefixed("TOKENSYNC_")
         .filter(|key| {
             let key = key.as_str().to_ascii_lowercase();
-            SECTIONS.iter().any(|section| key.starts_with(&format!("{section}_")))
+            SECTIONS
+                .iter()
+                .any(|section| key.starts_with(&format!("{section}_")))
         })
         .map(|key| {
             let key = key.as_str().to_ascii_lowercase();
@@ -265,8 +286,14 @@ impl Default for RawConfig {
                 max_file_bytes: Loose::text("4GiB"),
                 max_row_bytes: Loose::text("1MiB"),
             },
-            csv: RawCsv { delimiter: Loose::text(","), null_marker: Loose::text("\\N") },
-            metrics: RawMetrics { listen: Loose::text("127.0.0.1:9464"), textfile: None },
+            csv: RawCsv {
+                delimiter: Loose::text(","),
+                null_marker: Loose::text("\\N"),
+            },
+            metrics: RawMetrics {
+                listen: Loose::text("127.0.0.1:9464"),
+                textfile: None,
+            },
         }
     }
 }
@@ -327,6 +354,7 @@ impl TryFrom<RawConfig> for Config {
         let schedule = ScheduleConfig {
             cron: cron("schedule.cron", raw.schedule.cron)?,
             min_file_age: duration("schedule.min_file_age", raw.schedule.min_file_age)?,
+            is_min_file_age_set: false,
             shutdown_timeout: duration("schedule.shutdown_timeout", raw.schedule.shutdown_timeout)?,
         };
         let apply = ApplyConfig {
@@ -343,13 +371,24 @@ impl TryFrom<RawConfig> for Config {
             null_marker: non_empty("csv.null_marker", raw.csv.null_marker)?,
         };
         let metrics = MetricsConfig {
-            listen: parse("metrics.listen", raw.metrics.listen, "an address such as 127.0.0.1:9464")?,
+            listen: parse(
+                "metrics.listen",
+                raw.metrics.listen,
+                "an address such as 127.0.0.1:9464",
+            )?,
             textfile: match raw.metrics.textfile {
                 Some(value) => Some(PathBuf::from(non_empty("metrics.textfile", value)?)),
                 None => None,
             },
         };
-        Ok(Config { database, paths, schedule, apply, csv, metrics })
+        Ok(Config {
+            database,
+            paths,
+            schedule,
+            apply,
+            csv,
+            metrics,
+        })
     }
 }
 
@@ -363,7 +402,8 @@ fn non_empty(key: &str, value: Loose) -> Result<String, ConfigError> {
 
 fn parse<T: FromStr>(key: &str, value: Loose, expected: &str) -> Result<T, ConfigError> {
     let text = value.into_text();
-    text.parse().map_err(|_| invalid(key, format!("expected {expected}, found {text:?}")))
+    text.parse()
+        .map_err(|_| invalid(key, format!("expected {expected}, found {text:?}")))
 }
 
 fn count(key: &str, value: Loose) -> Result<u64, ConfigError> {
@@ -373,7 +413,9 @@ fn count(key: &str, value: Loose) -> Result<u64, ConfigError> {
 fn schema_name(key: &str, value: Loose) -> Result<String, ConfigError> {
     let name = value.into_text();
     let mut chars = name.chars();
-    let is_identifier = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    let is_identifier = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         && name.len() <= 63;
     if !is_identifier {
@@ -392,11 +434,18 @@ fn duration(key: &str, value: Loose) -> Result<Duration, ConfigError> {
 fn bytes(key: &str, value: Loose) -> Result<u64, ConfigError> {
     let size = match value {
         Loose::Integer(number) => u64::try_from(number).ok(),
-        other => other.into_text().parse::<bytesize::ByteSize>().ok().map(|size| size.as_u64()),
+        other => other
+            .into_text()
+            .parse::<bytesize::ByteSize>()
+            .ok()
+            .map(|size| size.as_u64()),
     };
     match size {
         Some(size) if size > 0 => Ok(size),
-        _ => Err(invalid(key, "expected a size such as 4GiB, 512MiB or a number of bytes")),
+        _ => Err(invalid(
+            key,
+            "expected a size such as 4GiB, 512MiB or a number of bytes",
+        )),
     }
 }
 
@@ -404,7 +453,10 @@ fn on_row_error(key: &str, value: Loose) -> Result<OnRowError, ConfigError> {
     match value.into_text().as_str() {
         "reject-batch" => Ok(OnRowError::RejectBatch),
         "skip-row" => Ok(OnRowError::SkipRow),
-        other => Err(invalid(key, format!("expected reject-batch or skip-row, found {other:?}"))),
+        other => Err(invalid(
+            key,
+            format!("expected reject-batch or skip-row, found {other:?}"),
+        )),
     }
 }
 
@@ -413,10 +465,18 @@ fn delimiter(key: &str, value: Loose) -> Result<u8, ConfigError> {
     let delimiter = match text.as_str() {
         "\\t" | "tab" => b'\t',
         _ if text.len() == 1 && text.is_ascii() => text.as_bytes()[0],
-        _ => return Err(invalid(key, "expected one ASCII character, or \\t for a tab")),
+        _ => {
+            return Err(invalid(
+                key,
+                "expected one ASCII character, or \\t for a tab",
+            ));
+        }
     };
     if matches!(delimiter, b'"' | b'\n' | b'\r') {
-        return Err(invalid(key, "a quote or a line end cannot be the delimiter"));
+        return Err(invalid(
+            key,
+            "a quote or a line end cannot be the delimiter",
+        ));
     }
     Ok(delimiter)
 }

@@ -94,7 +94,9 @@ pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
         pg_config(config)?,
         NoTls,
-        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
     );
     let pool = Pool::builder(manager)
         .max_size(config.pool_size)
@@ -124,10 +126,19 @@ pub async fn migrate(config: &DatabaseConfig) -> Result<(), DbError> {
         .await
         .map_err(DbError::query("cannot take the migration lock"))?;
     let schema_sql = format!("CREATE SCHEMA IF NOT EXISTS {}", config.schema);
-    client.batch_execute(&schema_sql).await.map_err(DbError::query("cannot create the schema"))?;
-    let report = embedded::migrations::runner().run_async(&mut client).await?;
+    client
+        .batch_execute(&schema_sql)
+        .await
+        .map_err(DbError::query("cannot create the schema"))?;
+    let report = embedded::migrations::runner()
+        .run_async(&mut client)
+        .await?;
     for migration in report.applied_migrations() {
-        tracing::info!(version = migration.version(), name = migration.name(), "Migration applied.");
+        tracing::info!(
+            version = migration.version(),
+            name = migration.name(),
+            "Migration applied."
+        );
     }
     client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
@@ -137,7 +148,9 @@ pub async fn migrate(config: &DatabaseConfig) -> Result<(), DbError> {
 }
 
 fn is_missing_database(error: &DbError) -> bool {
-    let DbError::Connect(source) = error else { return false };
+    let DbError::Connect(source) = error else {
+        return false;
+    };
     source.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME)
 }
 
@@ -155,7 +168,10 @@ async fn create_database(pg: &tokio_postgres::Config) -> Result<(), DbError> {
         }
         // Another process created it in the meantime.
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => Ok(()),
-        Err(e) => Err(DbError::Query { context: "cannot create the database", source: e }),
+        Err(e) => Err(DbError::Query {
+            context: "cannot create the database",
+            source: e,
+        }),
     }
 }
 

@@ -81,17 +81,32 @@ pub struct RowError {
 impl RowError {
     /// An error about one field of the row on `line`.
     pub fn field(line: u64, field: &str, code: ErrorCode, message: impl Into<String>) -> Self {
-        RowError { line: Some(line), field: Some(field.to_owned()), code, message: message.into() }
+        RowError {
+            line: Some(line),
+            field: Some(field.to_owned()),
+            code,
+            message: message.into(),
+        }
     }
 
     /// An error about the row on `line` as a whole.
     pub fn row(line: u64, code: ErrorCode, message: impl Into<String>) -> Self {
-        RowError { line: Some(line), field: None, code, message: message.into() }
+        RowError {
+            line: Some(line),
+            field: None,
+            code,
+            message: message.into(),
+        }
     }
 
     /// An error about the whole file.
     pub fn file(code: ErrorCode, message: impl Into<String>) -> Self {
-        RowError { line: None, field: None, code, message: message.into() }
+        RowError {
+            line: None,
+            field: None,
+            code,
+            message: message.into(),
+        }
     }
 }
 

@@ -93,7 +93,11 @@ impl ResultField {
         fields.extend((0..8).map(|i| ResultField::Field(Field::UdfString(i))));
         fields.extend((0..4).map(|i| ResultField::Field(Field::UdfFloat(i))));
         fields.extend((0..4).map(|i| ResultField::Field(Field::UdfDate(i))));
-        fields.extend([ResultField::CustomFieldSet, ResultField::CreatedAt, ResultField::UpdatedAt]);
+        fields.extend([
+            ResultField::CustomFieldSet,
+            ResultField::CreatedAt,
+            ResultField::UpdatedAt,
+        ]);
         fields
     }
 

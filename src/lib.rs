@@ -2,11 +2,14 @@
 //! files, to PostgreSQL: one transaction per file, a report per row.
 
 pub mod apply;
+pub mod batch;
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod field;
 pub mod report;
 pub mod row;
+pub mod run;
 pub mod secret;
+pub mod telemetry;
 pub mod update;

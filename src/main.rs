@@ -1,1 +1,76 @@
-fn main() {}
+//! The `tokensync` command: parse the arguments, load and check the configuration, set up
+//! logging, run the command, turn its outcome into an exit code.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokensync::config::Config;
+use tokensync::run::{self, Outcome};
+use tokensync::telemetry::{self, LogFormat};
+
+/// Applies bulk partial updates of access tokens from CSV and JSON Lines files to PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The TOML configuration file [default: ./tokensync.toml when it exists].
+    #[arg(long, global = true, value_name = "FILE", env = "TOKENSYNC_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Process what is in the incoming folder once, then exit.
+    #[arg(long)]
+    run_now: bool,
+
+    /// How log lines are written to standard error.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the database if needed, then create or upgrade the schema.
+    Migrate,
+    /// A full dry run of batch files against the database: nothing is written or moved.
+    Validate {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init_logging(args.log_format);
+
+    let default_file = PathBuf::from("tokensync.toml");
+    let file = args
+        .config
+        .or_else(|| default_file.is_file().then_some(default_file));
+    let config = match Config::load(file.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("tokensync: {error}");
+            return Outcome::Trouble.into();
+        }
+    };
+
+    let outcome = match args.command {
+        Some(Command::Migrate) => match tokensync::db::migrate(&config.database).await {
+            Ok(()) => Outcome::Clean,
+            Err(error) => {
+                tracing::error!("{:#}", anyhow::Error::from(error));
+                Outcome::Trouble
+            }
+        },
+        Some(Command::Validate { files }) => run::validate(&config, &files).await,
+        None if args.run_now => run::run_now(&config).await,
+        None => {
+            // TODO: the scheduled daemon (issue 3) is not built yet; only --run-now runs.
+            eprintln!("tokensync: the daemon is not available yet; use --run-now");
+            Outcome::Trouble
+        }
+    };
+    outcome.into()
+}

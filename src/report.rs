@@ -87,7 +87,12 @@ impl ReportFiles {
             row::Format::Csv => "rejects.csv",
             row::Format::JsonLines => "rejects.jsonl",
         };
-        Ok(ReportFiles { dir, errors: None, results: None, rejects_suffix })
+        Ok(ReportFiles {
+            dir,
+            errors: None,
+            results: None,
+            rejects_suffix,
+        })
     }
 
     /// Appends an error to `.errors.jsonl`.
@@ -151,7 +156,9 @@ impl ReportFiles {
         for span in header.iter().chain(spans) {
             copier.copy(*span, &mut out)?;
         }
-        out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()
+        out.into_inner()
+            .map_err(io::IntoInnerError::into_error)?
+            .sync_all()
     }
 
     /// Writes `.report.json` and flushes every report file to disk.
@@ -159,8 +166,14 @@ impl ReportFiles {
     /// # Errors
     /// When a file cannot be written.
     pub fn finish(&mut self, report: &Report) -> io::Result<()> {
-        for writer in [self.errors.take(), self.results.take()].into_iter().flatten() {
-            writer.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()?;
+        for writer in [self.errors.take(), self.results.take()]
+            .into_iter()
+            .flatten()
+        {
+            writer
+                .into_inner()
+                .map_err(io::IntoInnerError::into_error)?
+                .sync_all()?;
         }
         let mut file = File::create(self.dir.join(REPORT))?;
         serde_json::to_writer_pretty(&mut file, report)?;
@@ -183,6 +196,10 @@ impl ReportFiles {
         let target = dest.join(final_name);
         move_file(source, &target)?;
         fs::remove_dir(&self.dir)?;
+        if let Some(parent) = self.dir.parent() {
+            // The shared work folder goes too once no batch uses it; another may still.
+            let _ = fs::remove_dir(parent);
+        }
         Ok(target)
     }
 }
@@ -193,7 +210,12 @@ fn open_lazily<'w>(
     mode: u32,
 ) -> io::Result<&'w mut BufWriter<File>> {
     if slot.is_none() {
-        let file = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(path)?;
         *slot = Some(BufWriter::new(file));
     }
     Ok(slot.as_mut().expect("just opened"))
@@ -216,7 +238,9 @@ impl<R: Read> SpanCopier<R> {
             if chunk.is_empty() {
                 break;
             }
-            let len = chunk.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+            let len = chunk
+                .len()
+                .min(usize::try_from(remaining).unwrap_or(usize::MAX));
             out.write_all(&chunk[..len])?;
             last = chunk[..len].last().copied();
             self.input.consume(len);
@@ -241,7 +265,10 @@ impl<R: Read> SpanCopier<R> {
 /// When neither works, or `to` already exists.
 pub fn move_file(from: &Path, to: &Path) -> io::Result<()> {
     if to.exists() {
-        return Err(io::Error::new(io::ErrorKind::AlreadyExists, to.display().to_string()));
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            to.display().to_string(),
+        ));
     }
     match fs::rename(from, to) {
         Ok(()) => Ok(()),
@@ -276,7 +303,10 @@ mod tests {
     #[test]
     fn spans_are_copied_with_their_line_ends() {
         let text = b"h1,h2\r\na,b\r\nc,d\r\ne,f";
-        let mut copier = SpanCopier { input: BufReader::new(&text[..]), position: 0 };
+        let mut copier = SpanCopier {
+            input: BufReader::new(&text[..]),
+            position: 0,
+        };
         let mut out = Vec::new();
         copier.copy(Span { start: 0, end: 6 }, &mut out).unwrap();
         copier.copy(Span { start: 12, end: 16 }, &mut out).unwrap();
@@ -286,7 +316,9 @@ mod tests {
 
     #[test]
     fn report_serialises_as_the_spec_shows() {
-        let time = DateTime::parse_from_rfc3339("2026-12-03T02:00:00.123456Z").unwrap().to_utc();
+        let time = DateTime::parse_from_rfc3339("2026-12-03T02:00:00.123456Z")
+            .unwrap()
+            .to_utc();
         let report = Report {
             batch_id: Uuid::nil(),
             file: "t.csv".into(),

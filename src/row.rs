@@ -94,7 +94,10 @@ pub fn open(path: &Path, kind: FileKind, max_file_bytes: u64) -> io::Result<Box<
     } else {
         Box::new(file)
     };
-    Ok(Box::new(SizeLimit { inner: decoded, remaining: max_file_bytes }))
+    Ok(Box::new(SizeLimit {
+        inner: decoded,
+        remaining: max_file_bytes,
+    }))
 }
 
 /// Cuts a stream off with an error once more than the limit has been read.
@@ -124,11 +127,16 @@ impl<R: Read> Read for SizeLimit<R> {
 
 /// The file-level error for an I/O error met while reading a batch file.
 pub fn file_fault(error: &io::Error) -> RowError {
-    let is_too_large = error.get_ref().is_some_and(|inner| inner.is::<OverSizeLimit>());
+    let is_too_large = error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<OverSizeLimit>());
     if is_too_large {
         RowError::file(ErrorCode::FileTooLarge, OverSizeLimit.to_string())
     } else {
-        RowError::file(ErrorCode::CorruptFile, format!("cannot read the file: {error}"))
+        RowError::file(
+            ErrorCode::CorruptFile,
+            format!("cannot read the file: {error}"),
+        )
     }
 }
 
@@ -249,20 +257,31 @@ impl<'d> CsvRows<'d> {
         definitions: &'d CustomFieldDefinitions,
     ) -> Result<CsvRows<'d>, RowError> {
         let window = Arc::new(Mutex::new(Window::default()));
-        let tap = Tap { inner: input, window: Arc::clone(&window) };
+        let tap = Tap {
+            inner: input,
+            window: Arc::clone(&window),
+        };
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(false)
             .flexible(true)
             .delimiter(options.delimiter)
             .from_reader(tap);
         let mut header = csv::ByteRecord::new();
-        let has_header = reader.read_byte_record(&mut header).map_err(|e| csv_fault(&e))?;
+        let has_header = reader
+            .read_byte_record(&mut header)
+            .map_err(|e| csv_fault(&e))?;
         if !has_header {
-            return Err(RowError::file(ErrorCode::InvalidHeader, "the file has no header"));
+            return Err(RowError::file(
+                ErrorCode::InvalidHeader,
+                "the file has no header",
+            ));
         }
         let end = reader.position().byte();
         let (_, header_start) = skip_line_ends(&mut lock(&window), 0, end);
-        let header_span = Span { start: header_start, end };
+        let header_span = Span {
+            start: header_start,
+            end,
+        };
         let columns = parse_header(&header)?;
         Ok(CsvRows {
             reader,
@@ -278,10 +297,17 @@ impl<'d> CsvRows<'d> {
     }
 
     fn next_row(&mut self) -> Result<Option<Row>, RowError> {
-        if !self.reader.read_byte_record(&mut self.record).map_err(|e| csv_fault(&e))? {
+        if !self
+            .reader
+            .read_byte_record(&mut self.record)
+            .map_err(|e| csv_fault(&e))?
+        {
             return Ok(None);
         }
-        let position = self.record.position().expect("a record read from a reader has one");
+        let position = self
+            .record
+            .position()
+            .expect("a record read from a reader has one");
         let end = self.reader.position().byte();
         let (skipped_lines, start) = skip_line_ends(&mut lock(&self.window), position.byte(), end);
         let line = position.line() + skipped_lines;
@@ -326,8 +352,11 @@ impl<'d> CsvRows<'d> {
             if cell.is_empty() {
                 continue;
             }
-            let value =
-                if cell == self.null_marker { RawValue::Null } else { RawValue::Text(cell) };
+            let value = if cell == self.null_marker {
+                RawValue::Null
+            } else {
+                RawValue::Text(cell)
+            };
             match column {
                 Column::Key(part) => builder.set_key(*part, value),
                 Column::Field(field) => builder.set_field(*field, value),
@@ -357,7 +386,9 @@ impl Iterator for CsvRows<'_> {
 /// skipped and the record's first byte.
 fn skip_line_ends(window: &mut Window, start: u64, end: u64) -> (u64, u64) {
     let from = usize::try_from(start.saturating_sub(window.base)).unwrap_or(usize::MAX);
-    let to = usize::try_from(end - window.base).unwrap_or(usize::MAX).min(window.bytes.len());
+    let to = usize::try_from(end - window.base)
+        .unwrap_or(usize::MAX)
+        .min(window.bytes.len());
     let mut lines = 0;
     let mut first = start;
     for &byte in window.bytes.get(from..to).unwrap_or_default() {
@@ -377,7 +408,10 @@ fn parse_header(header: &csv::ByteRecord) -> Result<Vec<Column>, RowError> {
     let mut columns: Vec<Column> = Vec::with_capacity(header.len());
     for bytes in header {
         let Ok(name) = std::str::from_utf8(bytes) else {
-            return Err(RowError::file(ErrorCode::InvalidHeader, "the header is not valid UTF-8"));
+            return Err(RowError::file(
+                ErrorCode::InvalidHeader,
+                "the header is not valid UTF-8",
+            ));
         };
         let Some(column) = Column::parse(name) else {
             let message = format!("unknown column {name:?}");
@@ -404,7 +438,10 @@ fn column_name(column: &Column) -> String {
 fn csv_fault(error: &csv::Error) -> RowError {
     match error.kind() {
         csv::ErrorKind::Io(io_error) => file_fault(io_error),
-        _ => RowError::file(ErrorCode::CorruptFile, format!("cannot read the file: {error}")),
+        _ => RowError::file(
+            ErrorCode::CorruptFile,
+            format!("cannot read the file: {error}"),
+        ),
     }
 }
 
@@ -444,11 +481,18 @@ impl<'d> JsonRows<'d> {
             };
             self.line += 1;
             let line = self.line;
-            let span = Span { start, end: self.offset };
+            let span = Span {
+                start,
+                end: self.offset,
+            };
             if is_too_large {
                 let message = "the row is larger than apply.max_row_bytes";
                 let error = RowError::row(line, ErrorCode::RowTooLarge, message);
-                return Ok(Some(Row { line, span, update: Err(vec![error]) }));
+                return Ok(Some(Row {
+                    line,
+                    span,
+                    update: Err(vec![error]),
+                }));
             }
 
             let mut content = self.buffer.as_slice();
@@ -518,7 +562,11 @@ fn parse_json_row(
 ) -> Result<TokenUpdate, Vec<RowError>> {
     let Ok(text) = std::str::from_utf8(content) else {
         let message = "the row is not valid UTF-8";
-        return Err(vec![RowError::row(line, ErrorCode::InvalidEncoding, message)]);
+        return Err(vec![RowError::row(
+            line,
+            ErrorCode::InvalidEncoding,
+            message,
+        )]);
     };
     let object = match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(object)) => object,
@@ -561,7 +609,11 @@ fn read_identifier(builder: &mut UpdateBuilder<'_>, value: &Value) {
         Value::Null => return,
         _ => {
             let message = "expected an object";
-            builder.error(Some("access_token_identifier"), ErrorCode::InvalidType, message);
+            builder.error(
+                Some("access_token_identifier"),
+                ErrorCode::InvalidType,
+                message,
+            );
             return;
         }
     };
@@ -629,9 +681,15 @@ mod tests {
 
     #[test]
     fn kinds_from_names() {
-        let csv_gz = FileKind { format: Format::Csv, is_gzip: true };
+        let csv_gz = FileKind {
+            format: Format::Csv,
+            is_gzip: true,
+        };
         assert_eq!(FileKind::from_name("a.csv.gz"), Some(csv_gz));
-        assert_eq!(FileKind::from_name("a.ndjson").map(|k| k.format), Some(Format::JsonLines));
+        assert_eq!(
+            FileKind::from_name("a.ndjson").map(|k| k.format),
+            Some(Format::JsonLines)
+        );
         assert_eq!(FileKind::from_name("a.csv.tmp"), None);
         assert_eq!(FileKind::from_name("a.txt.gz"), None);
     }
@@ -651,22 +709,34 @@ mod tests {
         let bytes = text.as_bytes();
         let span = rows[1].span;
         // The reader stops at the `\r`; the rejects copier takes the `\n` with it.
-        assert_eq!(&bytes[span.start as usize..span.end as usize], b"AC2,,1.5\r");
+        assert_eq!(
+            &bytes[span.start as usize..span.end as usize],
+            b"AC2,,1.5\r"
+        );
     }
 
     #[test]
     fn csv_header_faults() {
-        let unknown = read("access_token_identifier.authentication_code,colour\n", Format::Csv);
+        let unknown = read(
+            "access_token_identifier.authentication_code,colour\n",
+            Format::Csv,
+        );
         assert_eq!(unknown.unwrap_err().code, ErrorCode::InvalidHeader);
         let repeated = read("udf_string_1,udf_string_1\n", Format::Csv);
         assert_eq!(repeated.unwrap_err().code, ErrorCode::InvalidHeader);
-        assert_eq!(read("", Format::Csv).unwrap_err().code, ErrorCode::InvalidHeader);
+        assert_eq!(
+            read("", Format::Csv).unwrap_err().code,
+            ErrorCode::InvalidHeader
+        );
     }
 
     #[test]
     fn csv_short_row_is_malformed() {
-        let rows = read("access_token_identifier.authentication_code,udf_string_1\nAC1\n", Format::Csv)
-            .unwrap();
+        let rows = read(
+            "access_token_identifier.authentication_code,udf_string_1\nAC1\n",
+            Format::Csv,
+        )
+        .unwrap();
         let errors = rows[0].update.as_ref().unwrap_err();
         assert_eq!(errors[0].code, ErrorCode::MalformedRow);
         assert_eq!(errors[0].line, Some(2));
@@ -681,7 +751,10 @@ mod tests {
         let errors = rows[0].update.as_ref().unwrap_err();
         assert_eq!(errors[0].code, ErrorCode::UnknownField);
         assert_eq!(errors[0].field.as_deref(), Some("colour"));
-        assert_eq!(rows[1].update.as_ref().unwrap_err()[0].code, ErrorCode::MalformedRow);
+        assert_eq!(
+            rows[1].update.as_ref().unwrap_err()[0].code,
+            ErrorCode::MalformedRow
+        );
         assert!(rows[2].update.is_ok());
         assert_eq!(rows[2].span.end as usize, text.len());
     }
@@ -696,16 +769,28 @@ mod tests {
         bytes.push(b'\n');
         let text = unsafe { String::from_utf8_unchecked(bytes) };
         let rows = read(&text, Format::JsonLines).unwrap();
-        assert_eq!(rows[0].update.as_ref().unwrap_err()[0].code, ErrorCode::RowTooLarge);
-        assert_eq!(rows[1].update.as_ref().unwrap_err()[0].code, ErrorCode::InvalidEncoding);
+        assert_eq!(
+            rows[0].update.as_ref().unwrap_err()[0].code,
+            ErrorCode::RowTooLarge
+        );
+        assert_eq!(
+            rows[1].update.as_ref().unwrap_err()[0].code,
+            ErrorCode::InvalidEncoding
+        );
     }
 
     #[test]
     fn size_limit_is_a_file_fault() {
-        let mut limited = SizeLimit { inner: io::Cursor::new(vec![0u8; 11]), remaining: 10 };
+        let mut limited = SizeLimit {
+            inner: io::Cursor::new(vec![0u8; 11]),
+            remaining: 10,
+        };
         let error = io::copy(&mut limited, &mut io::sink()).unwrap_err();
         assert_eq!(file_fault(&error).code, ErrorCode::FileTooLarge);
-        let mut exact = SizeLimit { inner: io::Cursor::new(vec![0u8; 10]), remaining: 10 };
+        let mut exact = SizeLimit {
+            inner: io::Cursor::new(vec![0u8; 10]),
+            remaining: 10,
+        };
         assert_eq!(io::copy(&mut exact, &mut io::sink()).unwrap(), 10);
     }
 }

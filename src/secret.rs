@@ -3,8 +3,8 @@
 //! source.
 
 use crate::update::Secret;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use rand::Rng;
 
 /// The characters of a generated authentication code.
@@ -39,7 +39,9 @@ pub fn hash_pass_code_blocking(pass_code: &Secret) -> String {
 /// If the blocking thread panics.
 pub async fn verify_pass_code(pass_code: Secret, hash: String) -> bool {
     tokio::task::spawn_blocking(move || {
-        Argon2::default().verify_password(pass_code.expose().as_bytes(), hash.as_str()).is_ok()
+        Argon2::default()
+            .verify_password(pass_code.expose().as_bytes(), hash.as_str())
+            .is_ok()
     })
     .await
     .expect("the verifying thread does not panic")

@@ -79,7 +79,10 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenKey {
     AuthenticationCode(Secret),
-    Identifier { identifier: String, pass_code: Secret },
+    Identifier {
+        identifier: String,
+        pass_code: Secret,
+    },
 }
 
 /// The data type of a custom field, from `custom_field_definitions.data_type`.
@@ -236,7 +239,9 @@ impl<'d> UpdateBuilder<'d> {
     /// Sets one part of `access_token_identifier`. A null part counts as not given.
     pub fn set_key(&mut self, part: KeyPart, value: RawValue<'_>) {
         let name = part.qualified_name();
-        let Some(text) = self.string(name, value) else { return };
+        let Some(text) = self.string(name, value) else {
+            return;
+        };
         let slot = match part {
             KeyPart::AuthenticationCode => &mut self.key_authentication_code,
             KeyPart::Identifier => &mut self.key_identifier,
@@ -296,7 +301,11 @@ impl<'d> UpdateBuilder<'d> {
             RawValue::Json(Value::String(text)) if text.is_empty() => None,
             value => self.custom_value(&qualified, data_type, value),
         };
-        if let Some(last) = self.custom_changes.as_mut().and_then(|changes| changes.last_mut()) {
+        if let Some(last) = self
+            .custom_changes
+            .as_mut()
+            .and_then(|changes| changes.last_mut())
+        {
             last.1 = typed;
         }
     }
@@ -345,7 +354,11 @@ impl<'d> UpdateBuilder<'d> {
                 None => {
                     // The name itself may be a typo of a secret; it is not echoed.
                     let message = "fields_set names a field that a result cannot hold";
-                    self.error(Some(FIELDS_SET), ErrorCode::UnknownFieldInFieldsSet, message);
+                    self.error(
+                        Some(FIELDS_SET),
+                        ErrorCode::UnknownFieldInFieldsSet,
+                        message,
+                    );
                     return;
                 }
             }
@@ -370,9 +383,10 @@ impl<'d> UpdateBuilder<'d> {
                 self.error(Some(field), ErrorCode::PassCodeNotApplicable, message);
                 None
             }
-            (None, Some(identifier), Some(pass_code)) => {
-                Some(TokenKey::Identifier { identifier, pass_code: Secret::new(pass_code) })
-            }
+            (None, Some(identifier), Some(pass_code)) => Some(TokenKey::Identifier {
+                identifier,
+                pass_code: Secret::new(pass_code),
+            }),
             (None, Some(_), None) => {
                 let message = "identifier needs pass_code to identify the token";
                 let field = KeyPart::PassCode.qualified_name();
@@ -381,12 +395,20 @@ impl<'d> UpdateBuilder<'d> {
             }
             (None, None, _) => {
                 let message = "give authentication_code, or identifier with pass_code";
-                self.error(Some(IDENTIFIER_FIELD), ErrorCode::IdentifierRequired, message);
+                self.error(
+                    Some(IDENTIFIER_FIELD),
+                    ErrorCode::IdentifierRequired,
+                    message,
+                );
                 None
             }
             (Some(_), Some(_), _) => {
                 let message = "give authentication_code or identifier, not both";
-                self.error(Some(IDENTIFIER_FIELD), ErrorCode::IdentifierRequired, message);
+                self.error(
+                    Some(IDENTIFIER_FIELD),
+                    ErrorCode::IdentifierRequired,
+                    message,
+                );
                 None
             }
         };
@@ -451,7 +473,11 @@ impl<'d> UpdateBuilder<'d> {
     fn pass_code(&mut self, name: &str, value: RawValue<'_>) -> Option<Secret> {
         let text = self.string(name, value)?;
         if text.is_empty() || text.len() > 128 {
-            self.error(Some(name), ErrorCode::InvalidValue, "must be 1 to 128 bytes long");
+            self.error(
+                Some(name),
+                ErrorCode::InvalidValue,
+                "must be 1 to 128 bytes long",
+            );
             return None;
         }
         Some(Secret::new(text))
@@ -470,7 +496,11 @@ impl<'d> UpdateBuilder<'d> {
     fn udf_string(&mut self, name: &str, value: RawValue<'_>) -> Option<String> {
         let text = self.string(name, value)?;
         if text.chars().count() > 255 {
-            self.error(Some(name), ErrorCode::InvalidValue, "must be at most 255 characters");
+            self.error(
+                Some(name),
+                ErrorCode::InvalidValue,
+                "must be at most 255 characters",
+            );
             return None;
         }
         Some(text)
@@ -489,7 +519,11 @@ impl<'d> UpdateBuilder<'d> {
         match number {
             Some(number) if number.is_finite() => Some(number),
             _ => {
-                self.error(Some(name), ErrorCode::InvalidValue, "expected a finite number");
+                self.error(
+                    Some(name),
+                    ErrorCode::InvalidValue,
+                    "expected a finite number",
+                );
                 None
             }
         }
@@ -508,13 +542,22 @@ impl<'d> UpdateBuilder<'d> {
         };
         let date = parse_date(text);
         if date.is_none() {
-            self.error(Some(name), ErrorCode::InvalidValue, "expected a date YYYY-MM-DD");
+            self.error(
+                Some(name),
+                ErrorCode::InvalidValue,
+                "expected a date YYYY-MM-DD",
+            );
         }
         date
     }
 
     /// A non-empty custom field value, typed by its definition for the `jsonb` column.
-    fn custom_value(&mut self, name: &str, data_type: DataType, value: RawValue<'_>) -> Option<Value> {
+    fn custom_value(
+        &mut self,
+        name: &str,
+        data_type: DataType,
+        value: RawValue<'_>,
+    ) -> Option<Value> {
         let (typed, expected) = match (data_type, value) {
             (_, RawValue::Null) => return None,
             (DataType::String, RawValue::Text(text)) => (Some(Value::from(text)), "a string"),
@@ -531,9 +574,10 @@ impl<'d> UpdateBuilder<'d> {
                 let number = text.parse::<f64>().ok().filter(|n| n.is_finite());
                 (number.map(Value::from), "a finite number")
             }
-            (DataType::Float, RawValue::Json(Value::Number(number))) => {
-                (number.as_f64().filter(|n| n.is_finite()).map(Value::from), "a finite number")
-            }
+            (DataType::Float, RawValue::Json(Value::Number(number))) => (
+                number.as_f64().filter(|n| n.is_finite()).map(Value::from),
+                "a finite number",
+            ),
             (DataType::Boolean, RawValue::Text(text)) => {
                 let flag = match text {
                     "true" => Some(true),
@@ -545,12 +589,14 @@ impl<'d> UpdateBuilder<'d> {
             (DataType::Boolean, RawValue::Json(Value::Bool(flag))) => {
                 (Some(Value::from(*flag)), "true or false")
             }
-            (DataType::Date, RawValue::Text(text)) => {
-                (parse_date(text).map(|_| Value::from(text)), "a date YYYY-MM-DD")
-            }
-            (DataType::Date, RawValue::Json(Value::String(text))) => {
-                (parse_date(text).map(|_| Value::from(text.as_str())), "a date YYYY-MM-DD")
-            }
+            (DataType::Date, RawValue::Text(text)) => (
+                parse_date(text).map(|_| Value::from(text)),
+                "a date YYYY-MM-DD",
+            ),
+            (DataType::Date, RawValue::Json(Value::String(text))) => (
+                parse_date(text).map(|_| Value::from(text.as_str())),
+                "a date YYYY-MM-DD",
+            ),
             (_, RawValue::Json(_)) => {
                 let message = "the value's type does not match the custom field's data type";
                 self.error(Some(name), ErrorCode::InvalidType, message);
@@ -558,7 +604,11 @@ impl<'d> UpdateBuilder<'d> {
             }
         };
         if typed.is_none() {
-            self.error(Some(name), ErrorCode::InvalidValue, format!("expected {expected}"));
+            self.error(
+                Some(name),
+                ErrorCode::InvalidValue,
+                format!("expected {expected}"),
+            );
         }
         typed
     }
@@ -575,7 +625,10 @@ pub fn parse_date(text: &str) -> Option<NaiveDate> {
     let shaped = bytes.len() == 10
         && bytes[4] == b'-'
         && bytes[7] == b'-'
-        && bytes.iter().enumerate().all(|(i, b)| i == 4 || i == 7 || b.is_ascii_digit());
+        && bytes
+            .iter()
+            .enumerate()
+            .all(|(i, b)| i == 4 || i == 7 || b.is_ascii_digit());
     if !shaped {
         return None;
     }
@@ -613,7 +666,11 @@ mod tests {
     }
 
     fn codes(result: Result<TokenUpdate, Vec<RowError>>) -> Vec<(Option<String>, ErrorCode)> {
-        result.unwrap_err().into_iter().map(|e| (e.field, e.code)).collect()
+        result
+            .unwrap_err()
+            .into_iter()
+            .map(|e| (e.field, e.code))
+            .collect()
     }
 
     #[test]
@@ -644,8 +701,14 @@ mod tests {
             vec![
                 (Some("udf_float_1".into()), ErrorCode::InvalidValue),
                 (Some("udf_date_1".into()), ErrorCode::InvalidValue),
-                (Some("custom_field_set.nope".into()), ErrorCode::UnknownCustomField),
-                (Some("custom_field_set.visits".into()), ErrorCode::InvalidValue),
+                (
+                    Some("custom_field_set.nope".into()),
+                    ErrorCode::UnknownCustomField
+                ),
+                (
+                    Some("custom_field_set.visits".into()),
+                    ErrorCode::InvalidValue
+                ),
             ]
         );
     }
@@ -655,9 +718,15 @@ mod tests {
         let defs = definitions();
         let cases: [(&[KeyPart], ErrorCode); 4] = [
             (&[], ErrorCode::IdentifierRequired),
-            (&[KeyPart::AuthenticationCode, KeyPart::Identifier], ErrorCode::IdentifierRequired),
+            (
+                &[KeyPart::AuthenticationCode, KeyPart::Identifier],
+                ErrorCode::IdentifierRequired,
+            ),
             (&[KeyPart::Identifier], ErrorCode::PassCodeRequired),
-            (&[KeyPart::AuthenticationCode, KeyPart::PassCode], ErrorCode::PassCodeNotApplicable),
+            (
+                &[KeyPart::AuthenticationCode, KeyPart::PassCode],
+                ErrorCode::PassCodeNotApplicable,
+            ),
         ];
         for (parts, code) in cases {
             let mut builder = UpdateBuilder::new(2, &defs);
@@ -697,7 +766,10 @@ mod tests {
         builder.set_custom_field("tier", RawValue::Text("silver"));
         assert_eq!(
             codes(builder.finish()),
-            vec![(Some("custom_field_set.tier".into()), ErrorCode::DuplicateCustomField)]
+            vec![(
+                Some("custom_field_set.tier".into()),
+                ErrorCode::DuplicateCustomField
+            )]
         );
     }
 

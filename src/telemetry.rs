@@ -1,0 +1,149 @@
+//! Every metric name and every event of tokensync, in one place.
+//!
+//! Domain code says what happened (a batch finished, a scan found files); this module logs
+//! it once and updates the metrics. Logs never hold a pass code, an authentication code or a
+//! card number: row details go to the reports, not here.
+
+use crate::report::{Report, Status};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use std::io::IsTerminal;
+use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+/// Batches processed, by `status`.
+pub const BATCHES_TOTAL: &str = "tokensync_batches_total";
+/// Rows processed, by `outcome` (`applied`, `unchanged`, `failed`).
+pub const ROWS_TOTAL: &str = "tokensync_rows_total";
+/// Row and file errors, by `code`.
+pub const ROW_ERRORS_TOTAL: &str = "tokensync_row_errors_total";
+/// Time from taking a file to its report, in seconds.
+pub const BATCH_DURATION_SECONDS: &str = "tokensync_batch_duration_seconds";
+/// Ready files waiting in `paths.incoming` at the last scan.
+pub const INCOMING_FILES: &str = "tokensync_incoming_files";
+/// When a batch last ended applied, partially applied or duplicate (Unix seconds).
+pub const LAST_SUCCESS_TIMESTAMP_SECONDS: &str = "tokensync_last_success_timestamp_seconds";
+/// 1 when the database answers, else 0.
+pub const DATABASE_UP: &str = "tokensync_database_up";
+/// Rows per batch.
+pub const BATCH_ROWS: &str = "tokensync_batch_rows";
+/// Size of each batch file as stored, in bytes.
+pub const BATCH_FILE_BYTES: &str = "tokensync_batch_file_bytes";
+/// Scans of `paths.incoming`.
+pub const SCANS_TOTAL: &str = "tokensync_scans_total";
+/// Failures that stopped a batch or a scan before its end, by `kind`.
+pub const FAILURES_TOTAL: &str = "tokensync_failures_total";
+
+/// Gives every metric its help text (promtool wants one on each).
+pub fn describe_metrics() {
+    describe_counter!(BATCHES_TOTAL, "Batches processed, by final status.");
+    describe_counter!(ROWS_TOTAL, "Rows processed, by outcome.");
+    describe_counter!(
+        ROW_ERRORS_TOTAL,
+        "Row and file errors reported, by error code."
+    );
+    describe_histogram!(
+        BATCH_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to process one batch file."
+    );
+    describe_gauge!(
+        INCOMING_FILES,
+        "Ready batch files waiting in the incoming folder."
+    );
+    describe_gauge!(
+        LAST_SUCCESS_TIMESTAMP_SECONDS,
+        metrics::Unit::Seconds,
+        "Unix time of the last batch applied, partially applied or recognised as duplicate."
+    );
+    describe_gauge!(DATABASE_UP, "Whether the database answers (1) or not (0).");
+    describe_histogram!(BATCH_ROWS, "Rows in each batch file.");
+    describe_histogram!(
+        BATCH_FILE_BYTES,
+        metrics::Unit::Bytes,
+        "Size of each batch file."
+    );
+    describe_counter!(SCANS_TOTAL, "Scans of the incoming folder.");
+    describe_counter!(
+        FAILURES_TOTAL,
+        "Batches or scans cut short by a failure, by kind."
+    );
+}
+
+/// The histogram buckets of [`BATCH_DURATION_SECONDS`].
+pub const DURATION_BUCKETS: [f64; 12] = [
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+];
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Sends log events to standard error, as text or JSON. `RUST_LOG` overrides the default
+/// level (INFO for tokensync, WARN for the libraries it uses).
+pub fn init_logging(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,tokensync=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// A batch has ended, whatever its status.
+pub fn batch_finished(report: &Report, file_bytes: u64, duration: Duration) {
+    tracing::info!(
+        file = %report.file,
+        batch_id = %report.batch_id,
+        status = report.status.as_str(),
+        rows = report.rows_total,
+        applied = report.rows_applied,
+        unchanged = report.rows_unchanged,
+        failed = report.rows_failed,
+        duration_ms = duration.as_millis() as u64,
+        "Batch finished."
+    );
+    counter!(BATCHES_TOTAL, "status" => report.status.as_str()).increment(1);
+    counter!(ROWS_TOTAL, "outcome" => "applied").increment(report.rows_applied);
+    counter!(ROWS_TOTAL, "outcome" => "unchanged").increment(report.rows_unchanged);
+    counter!(ROWS_TOTAL, "outcome" => "failed").increment(report.rows_failed);
+    for (code, count) in &report.errors_by_code {
+        counter!(ROW_ERRORS_TOTAL, "code" => code.as_str()).increment(*count);
+    }
+    histogram!(BATCH_DURATION_SECONDS).record(duration.as_secs_f64());
+    histogram!(BATCH_ROWS).record(report.rows_total as f64);
+    histogram!(BATCH_FILE_BYTES).record(file_bytes as f64);
+    if report.status != Status::Rejected {
+        let now = chrono::Utc::now();
+        gauge!(LAST_SUCCESS_TIMESTAMP_SECONDS).set(now.timestamp_millis() as f64 / 1000.0);
+    }
+}
+
+/// A batch was cut short (the database went away, a report could not be written); its file
+/// stays in `paths.incoming` for the next scan.
+pub fn batch_interrupted(file: &str, error: &anyhow::Error) {
+    tracing::warn!(
+        file,
+        error = format!("{error:#}"),
+        "Batch interrupted; the file stays for a retry."
+    );
+    counter!(FAILURES_TOTAL, "kind" => "batch").increment(1);
+}
+
+/// A scan of `paths.incoming` found `ready` files.
+pub fn scan_finished(ready: usize) {
+    tracing::debug!(ready, "Scan finished.");
+    counter!(SCANS_TOTAL).increment(1);
+    gauge!(INCOMING_FILES).set(ready as f64);
+}
+
+/// Whether the database answers, checked between and during scans.
+pub fn database_up(is_up: bool) {
+    gauge!(DATABASE_UP).set(if is_up { 1.0 } else { 0.0 });
+}
