@@ -65,7 +65,9 @@ CREATE TABLE batches (
     rows_unchanged bigint NOT NULL DEFAULT 0,
     rows_failed bigint NOT NULL DEFAULT 0,
     started_at timestamptz NOT NULL DEFAULT now(),
-    finished_at timestamptz NOT NULL DEFAULT now()
+    finished_at timestamptz NOT NULL DEFAULT now(),
+    -- The name the file was given in paths.archive or paths.failed.
+    archive_name text
 );
 
 -- The judge of exactly once: a file's content is applied (fully or partly) at most once.

@@ -10,14 +10,17 @@
 //! `paths.failed`, the reports first.
 
 use crate::apply::{self, Applier, RowOutcome};
+use crate::claim::{self, AppliedBatch, Claim, Judgement};
 use crate::config::{Config, OnRowError};
 use crate::db::DbError;
 use crate::error::{ErrorCode, RowError};
 use crate::report::{self, Report, ReportFiles, Status};
 use crate::row::{self, FileKind, Row, Rows, Span};
+use crate::shutdown::Shutdown;
 use crate::telemetry;
 use anyhow::Context as _;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Client;
 use deadpool_postgres::Pool;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -27,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
+use tokio_postgres::GenericClient;
 use tokio_postgres::Transaction;
 use uuid::Uuid;
 
@@ -98,12 +102,6 @@ pub enum Mode<'a> {
     Validate(&'a mut (dyn FnMut(&RowError) + Send)),
 }
 
-impl Mode<'_> {
-    fn is_dry_run(&self) -> bool {
-        matches!(self, Mode::Validate(_))
-    }
-}
-
 /// The hex SHA-256 of a file as stored (compressed if it is).
 ///
 /// # Errors
@@ -127,12 +125,6 @@ pub async fn sha256_of(path: &Path) -> io::Result<String> {
     .expect("the hashing thread does not panic")
 }
 
-/// The advisory lock key of a batch's content: the first 8 bytes of its SHA-256.
-fn lock_key(sha256: &str) -> i64 {
-    let bytes = hex::decode(&sha256[..16]).expect("a SHA-256 in hex");
-    i64::from_be_bytes(bytes.try_into().expect("8 bytes"))
-}
-
 /// The counts of a batch while its rows are applied.
 #[derive(Debug, Default)]
 struct Tally {
@@ -149,6 +141,18 @@ impl Tally {
     fn count_errors(&mut self, errors: &[RowError]) {
         for error in errors {
             *self.errors_by_code.entry(error.code).or_default() += 1;
+        }
+    }
+
+    /// Puts the tally into the report, with the status it amounts to.
+    fn fill(self, report: &mut Report, config: &Config) {
+        report.status = self.status(config.apply.on_row_error, config.apply.max_failed_rows);
+        report.rows_total = self.rows_total;
+        report.rows_failed = self.rows_failed;
+        report.errors_by_code = self.errors_by_code;
+        if report.status != Status::Rejected {
+            report.rows_applied = self.rows_applied;
+            report.rows_unchanged = self.rows_unchanged;
         }
     }
 
@@ -171,7 +175,7 @@ impl Tally {
 
 /// Where a batch's errors and results go: report files, or (for `validate`) a callback.
 pub enum Sink<'a> {
-    Files(ReportFiles),
+    Files(&'a mut ReportFiles),
     Errors(&'a mut (dyn FnMut(&RowError) + Send)),
 }
 
@@ -194,56 +198,55 @@ impl Sink<'_> {
     }
 }
 
-/// Processes one batch file. With [`Mode::Apply`] the file ends in `paths.archive` or
-/// `paths.failed` beside its reports; with [`Mode::Validate`] nothing is written anywhere.
+/// A batch stopped at a row boundary because the stop deadline passed; it was rolled back.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped before the batch could finish; it was rolled back")]
+pub struct Interrupted;
+
+/// Processes one batch file. With [`Mode::Apply`] the file is claimed (see
+/// [`crate::claim`]) and ends in `paths.archive` or `paths.failed` beside its reports; it
+/// gives `None` when another instance holds the file or has just finished it. With
+/// [`Mode::Validate`] nothing is written anywhere.
 ///
 /// # Errors
 /// When the batch could not be carried to its end (the database went away, a file could not
-/// be read or moved). The transaction is then rolled back and the file stays where it was.
+/// be read or moved, the stop deadline passed). Unless it was committed, the transaction is
+/// rolled back and the file stays where it was.
 pub async fn process(
     config: &Config,
     pool: &Pool,
     file: &BatchFile,
     mode: Mode<'_>,
-) -> anyhow::Result<Report> {
-    let clock = Instant::now();
-    let started_at = Utc::now();
-    let batch_id = Uuid::new_v4();
-    let file_bytes = std::fs::metadata(&file.path)
-        .with_context(|| format!("cannot read {}", file.path.display()))?
-        .len();
-    let sha256 = sha256_of(&file.path)
-        .await
-        .with_context(|| format!("cannot read {}", file.path.display()))?;
-
-    let work_dir = config
-        .paths
-        .incoming
-        .join(WORK_DIR)
-        .join(batch_id.to_string());
-    let is_dry_run = mode.is_dry_run();
-    let mut sink = match mode {
-        Mode::Apply => Sink::Files(
-            ReportFiles::create(work_dir.clone(), file.kind)
-                .with_context(|| format!("cannot create {}", work_dir.display()))?,
-        ),
-        Mode::Validate(callback) => Sink::Errors(callback),
-    };
-
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<Report>> {
     let mut client = pool.get().await.map_err(DbError::from)?;
-    let mut tx = client
-        .transaction()
-        .await
-        .map_err(DbError::query("cannot begin a batch"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(&sha256)])
-        .await
-        .map_err(DbError::query("cannot lock the batch"))?;
+    if let Mode::Validate(on_error) = mode {
+        return validate(config, &mut client, file, on_error)
+            .await
+            .map(Some);
+    }
+    let Some(claim) = Claim::try_take(&client, &file.name).await? else {
+        tracing::debug!(file = %file.name, "File claimed by another instance.");
+        return Ok(None);
+    };
+    let result = if file.path.is_file() {
+        apply_claimed(config, &mut client, file, shutdown)
+            .await
+            .map(Some)
+    } else {
+        Ok(None)
+    };
+    claim.release(&client).await;
+    result
+}
 
-    let mut report = Report {
-        batch_id,
+/// A new report for `file`, with no rows yet.
+fn new_report(file: &BatchFile, sha256: String, started_at: DateTime<Utc>) -> Report {
+    Report {
+        batch_id: Uuid::new_v4(),
         file: file.name.clone(),
         sha256,
-        format: file.kind.format.as_str(),
+        format: file.kind.format.as_str().to_owned(),
         status: Status::Duplicate,
         rows_total: 0,
         rows_applied: 0,
@@ -252,94 +255,209 @@ pub async fn process(
         errors_by_code: BTreeMap::new(),
         started_at,
         finished_at: started_at,
-    };
+    }
+}
 
-    let is_duplicate = is_applied(&tx, &report.sha256).await?;
+/// The dry run of `validate`: every row checked and applied in a transaction that is
+/// rolled back.
+async fn validate(
+    config: &Config,
+    client: &mut Client,
+    file: &BatchFile,
+    on_error: &mut (dyn FnMut(&RowError) + Send),
+) -> anyhow::Result<Report> {
+    let started_at = Utc::now();
+    let sha256 = sha256_of(&file.path)
+        .await
+        .with_context(|| format!("cannot read {}", file.path.display()))?;
+    let mut report = new_report(file, sha256, started_at);
+    let mut tx = client
+        .transaction()
+        .await
+        .map_err(DbError::query("cannot begin a dry run"))?;
+    let is_archived = |_: &str| true;
+    if claim::judge(&*tx, &report.sha256, &file.name, is_archived).await? == Judgement::New {
+        let mut sink = Sink::Errors(on_error);
+        let (tally, _) =
+            apply_rows(config, &mut tx, file, true, &mut sink, &Shutdown::new()).await?;
+        tally.fill(&mut report, config);
+    }
+    report.finished_at = Utc::now();
+    tx.rollback()
+        .await
+        .map_err(DbError::query("cannot end the dry run"))?;
+    Ok(report)
+}
+
+/// Applies a claimed file: judges it by the ledger, applies its rows, writes its reports,
+/// commits and moves everything in the order [`crate::claim`] explains.
+async fn apply_claimed(
+    config: &Config,
+    client: &mut Client,
+    file: &BatchFile,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Report> {
+    let clock = Instant::now();
+    let started_at = Utc::now();
+    let read_error = || format!("cannot read {}", file.path.display());
+    let file_bytes = std::fs::metadata(&file.path)
+        .with_context(read_error)?
+        .len();
+    let sha256 = sha256_of(&file.path).await.with_context(read_error)?;
+    let work_dir = config.paths.incoming.join(WORK_DIR).join(&file.name);
+    let mut report = new_report(file, sha256, started_at);
+
+    let mut tx = client
+        .transaction()
+        .await
+        .map_err(DbError::query("cannot begin a batch"))?;
+    claim::lock_content(&*tx, &report.sha256).await?;
+    let archive = &config.paths.archive;
+    let is_archived = |name: &str| archive.join(name).exists();
+    let judgement = claim::judge(&*tx, &report.sha256, &file.name, is_archived).await?;
+    if let Judgement::Unfinished(batch) = judgement {
+        tx.rollback()
+            .await
+            .map_err(DbError::query("cannot end a batch"))?;
+        return finish_unfinished(config, file, &work_dir, &batch, file_bytes, clock).await;
+    }
+
+    // What is left in the work folder comes from an attempt that never committed.
+    remove_work_dir(&work_dir);
+    let mut files = ReportFiles::create(work_dir.clone(), file.kind)
+        .with_context(|| format!("cannot create {}", work_dir.display()))?;
     let mut header_span = None;
-    let mut tally = Tally::default();
-    if !is_duplicate {
-        (tally, header_span) = apply_rows(config, &mut tx, file, is_dry_run, &mut sink).await?;
-        report.status = tally.status(config.apply.on_row_error, config.apply.max_failed_rows);
-        report.rows_total = tally.rows_total;
-        report.rows_failed = tally.rows_failed;
-        report.errors_by_code = std::mem::take(&mut tally.errors_by_code);
-        if report.status != Status::Rejected {
-            report.rows_applied = tally.rows_applied;
-            report.rows_unchanged = tally.rows_unchanged;
-        }
+    let mut failed_spans = Vec::new();
+    if judgement == Judgement::New {
+        let mut sink = Sink::Files(&mut files);
+        let applied = apply_rows(config, &mut tx, file, false, &mut sink, shutdown).await;
+        let (mut tally, span) = applied.inspect_err(|_| remove_work_dir(&work_dir))?;
+        header_span = span;
+        failed_spans = std::mem::take(&mut tally.failed_spans);
+        tally.fill(&mut report, config);
     }
     report.finished_at = Utc::now();
 
-    let Sink::Files(mut files) = sink else {
-        tx.rollback()
-            .await
-            .map_err(DbError::query("cannot end the dry run"))?;
-        return Ok(report);
+    let dest = if report.status.is_archived() {
+        archive
+    } else {
+        &config.paths.failed
     };
-
-    if report.status == Status::Rejected {
-        files
-            .discard_results()
-            .context("cannot remove the results of a rejected batch")?;
-    }
-    files
-        .write_rejects(
-            &file.path,
-            file.kind,
-            config.apply.max_file_bytes,
-            header_span,
-            &tally.failed_spans,
-        )
-        .with_context(|| format!("cannot write the rejected rows of {}", file.name))?;
-    files
-        .finish(&report)
-        .with_context(|| format!("cannot write the report of {}", file.name))?;
+    let archive_name = report::final_name(dest, started_at, &file.name);
+    let written = write_reports(
+        config,
+        file,
+        &mut files,
+        &report,
+        header_span,
+        &failed_spans,
+    );
+    written.inspect_err(|_| remove_work_dir(&work_dir))?;
 
     if matches!(report.status, Status::Applied | Status::PartiallyApplied) {
-        record(&*tx, &report).await?;
-        tx.commit()
+        let committed = async {
+            record(&*tx, &report, &archive_name).await?;
+            tx.commit()
+                .await
+                .map_err(DbError::query("cannot commit the batch"))
+        };
+        committed
             .await
-            .map_err(DbError::query("cannot commit the batch"))?;
+            .inspect_err(|_| remove_work_dir(&work_dir))?;
     } else {
         tx.rollback()
             .await
             .map_err(DbError::query("cannot roll back the batch"))?;
-        record(&**client, &report).await?;
+        record(&***client, &report, &archive_name).await?;
     }
 
-    let dest = if report.status.is_archived() {
-        &config.paths.archive
-    } else {
-        &config.paths.failed
-    };
-    let final_name = report::final_name(dest, started_at, &file.name);
     files
-        .publish(&file.path, dest, &final_name)
+        .publish(&file.path, dest, &archive_name)
         .with_context(|| format!("cannot move {} to {}", file.name, dest.display()))?;
     telemetry::batch_finished(&report, file_bytes, clock.elapsed());
     Ok(report)
 }
 
-/// Whether a batch with this content was already applied, fully or partly.
-async fn is_applied(tx: &Transaction<'_>, sha256: &str) -> Result<bool, DbError> {
-    let sql = "SELECT 1 FROM batches WHERE sha256 = $1 \
-               AND status IN ('applied', 'partially_applied') LIMIT 1";
-    let row = tx
-        .query_opt(sql, &[&sha256])
-        .await
-        .map_err(DbError::query("cannot read the ledger"))?;
-    Ok(row.is_some())
+/// Writes the rejected rows and `.report.json`, and flushes every report file.
+fn write_reports(
+    config: &Config,
+    file: &BatchFile,
+    files: &mut ReportFiles,
+    report: &Report,
+    header_span: Option<Span>,
+    failed_spans: &[Span],
+) -> anyhow::Result<()> {
+    if report.status == Status::Rejected {
+        files
+            .discard_results()
+            .context("cannot remove the results of a rejected batch")?;
+    }
+    let max_file_bytes = config.apply.max_file_bytes;
+    files
+        .write_rejects(
+            &file.path,
+            file.kind,
+            max_file_bytes,
+            header_span,
+            failed_spans,
+        )
+        .with_context(|| format!("cannot write the rejected rows of {}", file.name))?;
+    files
+        .finish(report)
+        .with_context(|| format!("cannot write the report of {}", file.name))
+}
+
+/// Finishes a batch that committed before its process stopped: moves its reports and its
+/// file to the archive name the ledger holds.
+async fn finish_unfinished(
+    config: &Config,
+    file: &BatchFile,
+    work_dir: &Path,
+    batch: &AppliedBatch,
+    file_bytes: u64,
+    clock: Instant,
+) -> anyhow::Result<Report> {
+    let archive = &config.paths.archive;
+    let in_work_dir = work_dir.join(report::REPORT);
+    let published = archive.join(format!("{}.{}", batch.archive_name, report::REPORT));
+    let report_path = if in_work_dir.exists() {
+        in_work_dir
+    } else {
+        published
+    };
+    let report: Report = std::fs::read(&report_path)
+        .map_err(anyhow::Error::from)
+        .and_then(|bytes| Ok(serde_json::from_slice(&bytes)?))
+        .with_context(|| format!("cannot read {}", report_path.display()))?;
+
+    let files = ReportFiles::existing(work_dir.to_owned(), file.kind);
+    files
+        .publish(&file.path, archive, &batch.archive_name)
+        .with_context(|| format!("cannot move {} to {}", file.name, archive.display()))?;
+    tracing::info!(file = %file.name, batch_id = %batch.id, "Batch committed before a stop; its file is now archived.");
+    telemetry::batch_finished(&report, file_bytes, clock.elapsed());
+    Ok(report)
+}
+
+/// Removes a work folder and everything in it; a folder that is not there is fine.
+fn remove_work_dir(dir: &Path) {
+    if let Err(error) = std::fs::remove_dir_all(dir)
+        && error.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), %error, "Cannot remove a work folder.");
+    }
 }
 
 /// Writes the batch's row of the `batches` ledger.
 async fn record(
-    client: &impl tokio_postgres::GenericClient,
+    client: &impl GenericClient,
     report: &Report,
+    archive_name: &str,
 ) -> Result<(), DbError> {
     let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     let sql = "INSERT INTO batches (id, file_name, sha256, format, status, rows_total, \
-               rows_applied, rows_unchanged, rows_failed, started_at, finished_at) \
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+               rows_applied, rows_unchanged, rows_failed, started_at, finished_at, archive_name) \
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
     client
         .execute(
             sql,
@@ -355,6 +473,7 @@ async fn record(
                 &count(report.rows_failed),
                 &report.started_at,
                 &report.finished_at,
+                &archive_name,
             ],
         )
         .await
@@ -370,6 +489,7 @@ async fn apply_rows(
     file: &BatchFile,
     is_dry_run: bool,
     sink: &mut Sink<'_>,
+    shutdown: &Shutdown,
 ) -> anyhow::Result<(Tally, Option<Span>)> {
     let definitions = Arc::new(apply::load_custom_fields(&*tx).await?);
     let applier = Applier::new(tx, is_dry_run).await?;
@@ -414,6 +534,9 @@ async fn apply_rows(
                 break;
             }
         };
+        if shutdown.is_past_deadline() {
+            return Err(Interrupted.into());
+        }
         tally.rows_total += 1;
         let outcome = match &row.update {
             Ok(update) => applier.apply(tx, update).await?,

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod batch;
+pub mod claim;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -11,5 +12,6 @@ pub mod report;
 pub mod row;
 pub mod run;
 pub mod secret;
+pub mod shutdown;
 pub mod telemetry;
 pub mod update;

@@ -5,7 +5,7 @@
 use crate::error::{ErrorCode, RowError};
 use crate::row::{self, FileKind, Span};
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 /// How a batch ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Applied,
@@ -42,12 +42,12 @@ impl Status {
 }
 
 /// `.report.json`: the summary of one batch.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub batch_id: Uuid,
     pub file: String,
     pub sha256: String,
-    pub format: &'static str,
+    pub format: String,
     pub status: Status,
     pub rows_total: u64,
     pub rows_applied: u64,
@@ -72,7 +72,8 @@ pub struct ReportFiles {
     rejects_suffix: &'static str,
 }
 
-const REPORT: &str = "report.json";
+/// The suffix of the summary report.
+pub const REPORT: &str = "report.json";
 const ERRORS: &str = "errors.jsonl";
 const RESULTS: &str = "results.jsonl";
 
@@ -93,6 +94,18 @@ impl ReportFiles {
             results: None,
             rejects_suffix,
         })
+    }
+
+    /// The report files a stopped process left in `dir`, to be published.
+    pub fn existing(dir: PathBuf, kind: FileKind) -> ReportFiles {
+        let mut files = ReportFiles {
+            dir,
+            errors: None,
+            results: None,
+            rejects_suffix: "",
+        };
+        files.rejects_suffix = rejects_suffix(kind);
+        files
     }
 
     /// Appends an error to `.errors.jsonl`.
@@ -195,12 +208,23 @@ impl ReportFiles {
         }
         let target = dest.join(final_name);
         move_file(source, &target)?;
-        fs::remove_dir(&self.dir)?;
+        if let Err(error) = fs::remove_dir(&self.dir)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            return Err(error);
+        }
         if let Some(parent) = self.dir.parent() {
             // The shared work folder goes too once no batch uses it; another may still.
             let _ = fs::remove_dir(parent);
         }
         Ok(target)
+    }
+}
+
+fn rejects_suffix(kind: FileKind) -> &'static str {
+    match kind.format {
+        row::Format::Csv => "rejects.csv",
+        row::Format::JsonLines => "rejects.jsonl",
     }
 }
 
@@ -323,7 +347,7 @@ mod tests {
             batch_id: Uuid::nil(),
             file: "t.csv".into(),
             sha256: "ab".into(),
-            format: "csv",
+            format: "csv".into(),
             status: Status::PartiallyApplied,
             rows_total: 3,
             rows_applied: 2,

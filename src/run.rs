@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::error::RowError;
 use crate::report::{Report, Status};
+use crate::shutdown::Shutdown;
 use crate::telemetry;
 use anyhow::{Context as _, bail};
 use deadpool_postgres::Pool;
@@ -94,6 +95,8 @@ pub async fn run_now(config: &Config) -> Outcome {
 }
 
 async fn run_now_inner(config: &Config) -> anyhow::Result<Outcome> {
+    let shutdown = Shutdown::new();
+    shutdown.on_signals(config.schedule.shutdown_timeout);
     prepare_folders(config)?;
     let pool = open_pool(config).await?;
     telemetry::database_up(true);
@@ -108,8 +111,12 @@ async fn run_now_inner(config: &Config) -> anyhow::Result<Outcome> {
 
     let mut outcome = Outcome::Clean;
     for file in &files {
-        match batch::process(config, &pool, file, Mode::Apply).await {
-            Ok(report) => outcome = outcome.max(Outcome::of(&report)),
+        if shutdown.is_requested() {
+            break;
+        }
+        match batch::process(config, &pool, file, Mode::Apply, &shutdown).await {
+            Ok(Some(report)) => outcome = outcome.max(Outcome::of(&report)),
+            Ok(None) => {}
             Err(error) => {
                 telemetry::batch_interrupted(&file.name, &error);
                 outcome = Outcome::Trouble;
@@ -170,7 +177,10 @@ async fn validate_one(config: &Config, pool: &Pool, path: &Path) -> anyhow::Resu
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{name}: {error}");
     };
-    let report = batch::process(config, pool, &file, Mode::Validate(&mut print_error)).await?;
+    let mode = Mode::Validate(&mut print_error);
+    let report = batch::process(config, pool, &file, mode, &Shutdown::new())
+        .await?
+        .expect("a dry run always reports");
     println!("{}", summary(&report));
     Ok(Outcome::of(&report))
 }

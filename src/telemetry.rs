@@ -82,10 +82,14 @@ pub enum LogFormat {
 }
 
 /// Sends log events to standard error, as text or JSON. `RUST_LOG` overrides the default
-/// level (INFO for tokensync, WARN for the libraries it uses).
+/// level (INFO for tokensync, WARN for the libraries it uses), but tokio-postgres never
+/// logs below INFO.
 pub fn init_logging(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,tokensync=info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("warn,tokensync=info"))
+        // Below INFO, tokio-postgres logs statement parameters: authentication codes
+        // and card numbers. No RUST_LOG may bring those out.
+        .add_directive("tokio_postgres=info".parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
