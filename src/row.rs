@@ -760,6 +760,16 @@ mod tests {
     }
 
     #[test]
+    fn json_numbers_out_of_range_name_their_field() {
+        let text =
+            "{\"access_token_identifier\":{\"authentication_code\":\"A\"},\"udf_float_1\":1e999}";
+        let rows = read(text, Format::JsonLines).unwrap();
+        let errors = rows[0].update.as_ref().unwrap_err();
+        assert_eq!(errors[0].code, ErrorCode::InvalidValue);
+        assert_eq!(errors[0].field.as_deref(), Some("udf_float_1"));
+    }
+
+    #[test]
     fn json_row_too_large_and_bad_encoding() {
         let long = format!("{{\"udf_string_1\":\"{}\"}}\n\u{ff}\n", "x".repeat(2000));
         let mut bytes = long.into_bytes();
