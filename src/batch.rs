@@ -22,6 +22,7 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Client;
 use deadpool_postgres::Pool;
+use indicatif::ProgressBar;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -98,7 +99,10 @@ pub fn ready_files(incoming: &Path, min_file_age: Duration) -> io::Result<Vec<Ba
 /// Whether a batch runs for real, or as the dry run of `validate` that hands every error to
 /// its callback and writes nothing.
 pub enum Mode<'a> {
-    Apply,
+    /// Apply, with a progress bar on a terminal when asked.
+    Apply {
+        show_progress: bool,
+    },
     Validate(&'a mut (dyn FnMut(&RowError) + Send)),
 }
 
@@ -225,12 +229,15 @@ pub async fn process(
             .await
             .map(Some);
     }
+    let Mode::Apply { show_progress } = mode else {
+        unreachable!("a dry run returned")
+    };
     let Some(claim) = Claim::try_take(&client, &file.name).await? else {
         tracing::debug!(file = %file.name, "File claimed by another instance.");
         return Ok(None);
     };
     let result = if file.path.is_file() {
-        apply_claimed(config, &mut client, file, shutdown)
+        apply_claimed(config, &mut client, file, shutdown, show_progress)
             .await
             .map(Some)
     } else {
@@ -278,8 +285,16 @@ async fn validate(
     let is_archived = |_: &str| true;
     if claim::judge(&*tx, &report.sha256, &file.name, is_archived).await? == Judgement::New {
         let mut sink = Sink::Errors(on_error);
-        let (tally, _) =
-            apply_rows(config, &mut tx, file, true, &mut sink, &Shutdown::new()).await?;
+        let (tally, _) = apply_rows(
+            config,
+            &mut tx,
+            file,
+            true,
+            &mut sink,
+            &Shutdown::new(),
+            None,
+        )
+        .await?;
         tally.fill(&mut report, config);
     }
     report.finished_at = Utc::now();
@@ -296,6 +311,7 @@ async fn apply_claimed(
     client: &mut Client,
     file: &BatchFile,
     shutdown: &Shutdown,
+    show_progress: bool,
 ) -> anyhow::Result<Report> {
     let clock = Instant::now();
     let started_at = Utc::now();
@@ -330,7 +346,22 @@ async fn apply_claimed(
     let mut failed_spans = Vec::new();
     if judgement == Judgement::New {
         let mut sink = Sink::Files(&mut files);
-        let applied = apply_rows(config, &mut tx, file, false, &mut sink, shutdown).await;
+        let known_size = (!file.kind.is_gzip).then_some(file_bytes);
+        let progress = show_progress.then(|| telemetry::progress_bar(&file.name, known_size));
+        let progress = progress.flatten();
+        let applied = apply_rows(
+            config,
+            &mut tx,
+            file,
+            false,
+            &mut sink,
+            shutdown,
+            progress.as_ref(),
+        )
+        .await;
+        if let Some(bar) = progress {
+            bar.finish_and_clear();
+        }
         let (mut tally, span) = applied.inspect_err(|_| remove_work_dir(&work_dir))?;
         header_span = span;
         failed_spans = std::mem::take(&mut tally.failed_spans);
@@ -490,6 +521,7 @@ async fn apply_rows(
     is_dry_run: bool,
     sink: &mut Sink<'_>,
     shutdown: &Shutdown,
+    progress: Option<&ProgressBar>,
 ) -> anyhow::Result<(Tally, Option<Span>)> {
     let definitions = Arc::new(apply::load_custom_fields(&*tx).await?);
     let applier = Applier::new(tx, is_dry_run).await?;
@@ -538,6 +570,11 @@ async fn apply_rows(
             return Err(Interrupted.into());
         }
         tally.rows_total += 1;
+        if let Some(bar) = progress
+            && tally.rows_total % 256 == 0
+        {
+            bar.set_position(row.span.end);
+        }
         let outcome = match &row.update {
             Ok(update) => applier.apply(tx, update).await?,
             Err(errors) => RowOutcome::Failed(errors.clone()),

@@ -143,6 +143,41 @@ impl Config {
         Ok(config)
     }
 
+    /// Every setting on one line, for the log, with the database password masked.
+    pub fn summary(&self) -> String {
+        let textfile = self
+            .metrics
+            .textfile
+            .as_ref()
+            .map(|p| p.display().to_string());
+        format!(
+            "database.url={} database.schema={} database.pool_size={} paths.incoming={} \
+             paths.archive={} paths.failed={} schedule.cron={:?} schedule.min_file_age={} \
+             schedule.shutdown_timeout={} apply.on_row_error={} apply.max_failed_rows={} \
+             apply.max_file_bytes={} apply.max_row_bytes={} csv.delimiter={:?} \
+             csv.null_marker={:?} metrics.listen={} metrics.textfile={}",
+            redact_url(&self.database.url),
+            self.database.schema,
+            self.database.pool_size,
+            self.paths.incoming.display(),
+            self.paths.archive.display(),
+            self.paths.failed.display(),
+            self.schedule.cron,
+            humantime::format_duration(self.schedule.min_file_age),
+            humantime::format_duration(self.schedule.shutdown_timeout),
+            self.apply.on_row_error,
+            self.apply
+                .max_failed_rows
+                .map_or("none".to_owned(), |n| n.to_string()),
+            self.apply.max_file_bytes,
+            self.apply.max_row_bytes,
+            char::from(self.csv.delimiter),
+            self.csv.null_marker,
+            self.metrics.listen,
+            textfile.as_deref().unwrap_or("none"),
+        )
+    }
+
     /// The reading settings of [`crate::row`].
     pub fn read_options(&self) -> ReadOptions {
         ReadOptions {
@@ -392,6 +427,36 @@ impl TryFrom<RawConfig> for Config {
     }
 }
 
+/// A connection string with its password replaced by `***`, in URL form
+/// (`postgres://user:secret@host/db`, `?password=secret`) or key-value form
+/// (`password=secret`).
+pub fn redact_url(url: &str) -> String {
+    let mut redacted = url.to_owned();
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            let start = scheme_end + 3 + colon + 1;
+            redacted.replace_range(start..scheme_end + 3 + at, "***");
+        }
+    }
+    let mut out = String::with_capacity(redacted.len());
+    let mut rest = redacted.as_str();
+    while let Some(found) = rest.find("password=") {
+        let value_start = found + "password=".len();
+        out.push_str(&rest[..value_start]);
+        out.push_str("***");
+        let value_end = rest[value_start..]
+            .find(['&', ' '])
+            .map_or(rest.len(), |end| value_start + end);
+        rest = &rest[value_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn non_empty(key: &str, value: Loose) -> Result<String, ConfigError> {
     let text = value.into_text();
     if text.is_empty() {
@@ -505,5 +570,27 @@ impl fmt::Display for OnRowError {
             OnRowError::RejectBatch => "reject-batch",
             OnRowError::SkipRow => "skip-row",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://h/db?user=u&password=secret&sslmode=require"),
+            "postgres://h/db?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("host=h password=secret user=u"),
+            "host=h password=*** user=u"
+        );
     }
 }

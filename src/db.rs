@@ -6,12 +6,18 @@
 //! in the binary by refinery, under an advisory lock so that two at once do no harm.
 
 use crate::config::DatabaseConfig;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
 
 mod embedded {
     refinery::embed_migrations!("sql");
 }
+
+/// How long a new connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a task may wait for a free connection of the pool.
+const POOL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An advisory lock key that serialises concurrent `migrate` runs ("tokensync" in ASCII).
 const MIGRATE_LOCK: i64 = 0x746f_6b65_6e73;
@@ -63,6 +69,11 @@ pub fn pg_config(config: &DatabaseConfig) -> Result<tokio_postgres::Config, DbEr
     if pg.get_application_name().is_none() {
         pg.application_name("tokensync");
     }
+    // An unreachable server fails a connection in seconds, and a silent one is noticed.
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(CONNECT_TIMEOUT);
+    }
+    pg.keepalives(true).keepalives_idle(Duration::from_secs(30));
     Ok(pg)
 }
 
@@ -100,8 +111,12 @@ pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
     );
     let pool = Pool::builder(manager)
         .max_size(config.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(POOL_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
         .build()
-        .expect("a pool without a runtime-dependent timeout always builds");
+        .expect("a pool with a runtime always builds");
     Ok(pool)
 }
 

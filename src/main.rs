@@ -56,6 +56,15 @@ async fn main() -> ExitCode {
         }
     };
 
+    let is_daemon = args.command.is_none() && !args.run_now;
+    let metrics = (is_daemon || config.metrics.textfile.is_some() && args.run_now)
+        .then(telemetry::install_recorder);
+    if is_daemon {
+        tracing::info!(config = %config.summary(), "Configuration.");
+    } else {
+        tracing::debug!(config = %config.summary(), "Configuration.");
+    }
+
     let outcome = match args.command {
         Some(Command::Migrate) => match tokensync::db::migrate(&config.database).await {
             Ok(()) => Outcome::Clean,
@@ -65,11 +74,10 @@ async fn main() -> ExitCode {
             }
         },
         Some(Command::Validate { files }) => run::validate(&config, &files).await,
-        None if args.run_now => run::run_now(&config).await,
+        None if args.run_now => run::run_now(&config, metrics).await,
         None => {
-            // TODO: the scheduled daemon (issue 3) is not built yet; only --run-now runs.
-            eprintln!("tokensync: the daemon is not available yet; use --run-now");
-            Outcome::Trouble
+            let metrics = metrics.expect("the daemon installs the recorder");
+            tokensync::daemon::run(&config, metrics).await
         }
     };
     outcome.into()

@@ -4,14 +4,17 @@ use crate::batch::{self, BatchFile, Mode};
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::error::RowError;
+use crate::health;
 use crate::report::{Report, Status};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 use anyhow::{Context as _, bail};
 use deadpool_postgres::Pool;
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// How a command ended (SPEC 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,66 +71,101 @@ pub fn prepare_folders(config: &Config) -> anyhow::Result<()> {
 /// When the database cannot be reached.
 pub async fn open_pool(config: &Config) -> anyhow::Result<Pool> {
     let pool = db::pool(&config.database)?;
-    let client = pool
-        .get()
+    health::check_database(&pool)
         .await
-        .map_err(DbError::from)
         .context("the database is unreachable")?;
-    client
-        .simple_query("SELECT 1")
-        .await
-        .context("the database does not answer")?;
     Ok(pool)
 }
 
-/// `--run-now`: processes every ready file of `paths.incoming` once, in name order.
-///
-/// `--run-now` is an operator's explicit request, so it takes files whatever their age
-/// unless `schedule.min_file_age` was set in the file or the environment.
-pub async fn run_now(config: &Config) -> Outcome {
-    match run_now_inner(config).await {
-        Ok(outcome) => outcome,
-        Err(error) => {
-            tracing::error!("{error:#}");
-            Outcome::Trouble
-        }
-    }
+/// What one scan of `paths.incoming` came to.
+#[derive(Debug, Clone, Copy)]
+pub struct Scan {
+    pub outcome: Outcome,
+    /// The database went away during the scan: the files left wait for a retry.
+    pub is_database_down: bool,
 }
 
-async fn run_now_inner(config: &Config) -> anyhow::Result<Outcome> {
-    let shutdown = Shutdown::new();
-    shutdown.on_signals(config.schedule.shutdown_timeout);
-    prepare_folders(config)?;
-    let pool = open_pool(config).await?;
-    telemetry::database_up(true);
-    let min_file_age = if config.schedule.is_min_file_age_set {
-        config.schedule.min_file_age
-    } else {
-        Default::default()
+/// Processes every ready file of `paths.incoming` once, in name order, until a stop is
+/// requested. Files held by another instance are left to it.
+pub async fn scan(
+    config: &Config,
+    pool: &Pool,
+    shutdown: &Shutdown,
+    min_file_age: Duration,
+    show_progress: bool,
+) -> Scan {
+    let mut scan = Scan {
+        outcome: Outcome::Clean,
+        is_database_down: false,
     };
-    let files = batch::ready_files(&config.paths.incoming, min_file_age)
-        .with_context(|| format!("cannot list {}", config.paths.incoming.display()))?;
+    let files = match batch::ready_files(&config.paths.incoming, min_file_age) {
+        Ok(files) => files,
+        Err(error) => {
+            let folder = config.paths.incoming.display();
+            tracing::error!(%error, "Cannot list paths.incoming {folder}.");
+            scan.outcome = Outcome::Trouble;
+            return scan;
+        }
+    };
     telemetry::scan_finished(files.len());
 
-    let mut outcome = Outcome::Clean;
     for file in &files {
         if shutdown.is_requested() {
             break;
         }
-        match batch::process(config, &pool, file, Mode::Apply, &shutdown).await {
-            Ok(Some(report)) => outcome = outcome.max(Outcome::of(&report)),
+        let mode = Mode::Apply { show_progress };
+        match batch::process(config, pool, file, mode, shutdown).await {
+            Ok(Some(report)) => scan.outcome = scan.outcome.max(Outcome::of(&report)),
             Ok(None) => {}
             Err(error) => {
                 telemetry::batch_interrupted(&file.name, &error);
-                outcome = Outcome::Trouble;
+                scan.outcome = Outcome::Trouble;
                 if is_connection_lost(&error) {
-                    telemetry::database_up(false);
+                    telemetry::database_up(false, Some(&format!("{error:#}")));
+                    scan.is_database_down = true;
                     break;
                 }
             }
         }
     }
-    Ok(outcome)
+    scan
+}
+
+/// `--run-now`: one scan, then the metrics to `metrics.textfile` when it is set.
+///
+/// `--run-now` is an operator's explicit request, so it takes files whatever their age
+/// unless `schedule.min_file_age` was set in the file or the environment.
+pub async fn run_now(config: &Config, metrics: Option<PrometheusHandle>) -> Outcome {
+    let outcome = match run_now_inner(config).await {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            Outcome::Trouble
+        }
+    };
+    if let (Some(metrics), Some(path)) = (metrics, &config.metrics.textfile)
+        && let Err(error) = telemetry::write_textfile(&metrics, path)
+    {
+        tracing::error!(%error, path = %path.display(), "Cannot write metrics.textfile.");
+        return Outcome::Trouble;
+    }
+    outcome
+}
+
+async fn run_now_inner(config: &Config) -> anyhow::Result<Outcome> {
+    prepare_folders(config)?;
+    let pool = open_pool(config).await?;
+    let shutdown = Shutdown::new();
+    shutdown.on_signals(config.schedule.shutdown_timeout);
+    let schedule = &config.schedule;
+    let min_file_age = if schedule.is_min_file_age_set {
+        schedule.min_file_age
+    } else {
+        Duration::ZERO
+    };
+    Ok(scan(config, &pool, &shutdown, min_file_age, true)
+        .await
+        .outcome)
 }
 
 fn is_connection_lost(error: &anyhow::Error) -> bool {

@@ -5,8 +5,11 @@
 //! card number: row details go to the reports, not here.
 
 use crate::report::{Report, Status};
+use indicatif::{ProgressBar, ProgressStyle};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use std::io::IsTerminal;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
@@ -147,7 +150,92 @@ pub fn scan_finished(ready: usize) {
     gauge!(INCOMING_FILES).set(ready as f64);
 }
 
-/// Whether the database answers, checked between and during scans.
-pub fn database_up(is_up: bool) {
+/// Whether the database answers. Logged when it changes, not on every check.
+pub fn database_up(is_up: bool, error: Option<&dyn std::fmt::Display>) {
+    static LAST: std::sync::Mutex<Option<bool>> = std::sync::Mutex::new(None);
     gauge!(DATABASE_UP).set(if is_up { 1.0 } else { 0.0 });
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *last == Some(is_up) {
+        return;
+    }
+    let was_seen = last.is_some();
+    *last = Some(is_up);
+    drop(last);
+    match (is_up, error) {
+        (true, _) if was_seen => tracing::info!("The database answers again."),
+        (true, _) => {}
+        (false, Some(error)) => {
+            tracing::error!(error = %error, "The database is unreachable; files wait in incoming.");
+        }
+        (false, None) => tracing::error!("The database is unreachable; files wait in incoming."),
+    }
+}
+
+/// Installs the process-wide Prometheus recorder, with buckets for the histograms, and
+/// registers every labelled series at zero so dashboards see them before the first batch.
+///
+/// # Panics
+/// If a recorder is already installed.
+pub fn install_recorder() -> PrometheusHandle {
+    let row_buckets = [0.0, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7];
+    let byte_buckets = [1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(BATCH_DURATION_SECONDS.into()),
+            &DURATION_BUCKETS,
+        )
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), &row_buckets))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(BATCH_FILE_BYTES.into()), &byte_buckets)
+        })
+        .expect("the buckets are not empty")
+        .install_recorder()
+        .expect("the recorder is installed once");
+    describe_metrics();
+    for status in ["applied", "partially_applied", "rejected", "duplicate"] {
+        counter!(BATCHES_TOTAL, "status" => status).absolute(0);
+    }
+    for outcome in ["applied", "unchanged", "failed"] {
+        counter!(ROWS_TOTAL, "outcome" => outcome).absolute(0);
+    }
+    counter!(SCANS_TOTAL).absolute(0);
+    gauge!(INCOMING_FILES).set(0.0);
+    handle
+}
+
+/// Writes the metrics to `path` for node_exporter's textfile collector: to a temporary file
+/// beside it first, then renamed, so the collector never reads half a file.
+///
+/// # Errors
+/// When the file cannot be written.
+pub fn write_textfile(handle: &PrometheusHandle, path: &Path) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(handle.render().as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
+}
+
+/// A progress bar for one file of `--run-now` on a terminal: bytes read and rows per second.
+/// `None` when standard error is not a terminal.
+pub fn progress_bar(file: &str, bytes: Option<u64>) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = match bytes {
+        Some(bytes) => ProgressBar::new(bytes),
+        None => ProgressBar::no_length(),
+    };
+    let template = "{msg} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {per_sec}";
+    let style =
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(file.to_owned());
+    Some(bar)
 }
