@@ -6,9 +6,11 @@
 //! in the binary by refinery, under an advisory lock so that two at once do no harm.
 
 use crate::config::DatabaseConfig;
+use crate::tls::{self, TlsError};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::time::Duration;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 mod embedded {
     refinery::embed_migrations!("sql");
@@ -27,6 +29,8 @@ const MIGRATE_LOCK: i64 = 0x746f_6b65_6e73;
 pub enum DbError {
     #[error("database.url is not a valid connection string: {0}")]
     Url(#[source] tokio_postgres::Error),
+    #[error("database.url: {0}")]
+    Tls(#[from] TlsError),
     #[error("cannot connect to the database")]
     Connect(#[source] tokio_postgres::Error),
     #[error("{context}")]
@@ -53,17 +57,21 @@ impl DbError {
         match self {
             DbError::Connect(_) | DbError::Pool(_) => true,
             DbError::Query { source, .. } => source.is_closed() || source.as_db_error().is_none(),
-            DbError::Url(_) | DbError::Migrate(_) => false,
+            DbError::Url(_) | DbError::Tls(_) | DbError::Migrate(_) => false,
         }
     }
 }
 
-/// The connection settings of `config`, with `search_path` set to its schema.
+/// The connection settings of `config`, with `search_path` set to its schema, and the TLS
+/// connector its `sslmode` asks for.
 ///
 /// # Errors
-/// When `database.url` cannot be parsed.
-pub fn pg_config(config: &DatabaseConfig) -> Result<tokio_postgres::Config, DbError> {
-    let mut pg: tokio_postgres::Config = config.url.parse().map_err(DbError::Url)?;
+/// When `database.url` cannot be parsed or its TLS settings cannot be used.
+pub fn pg_config(
+    config: &DatabaseConfig,
+) -> Result<(tokio_postgres::Config, MakeRustlsConnect), DbError> {
+    let tls::Connection { url, tls } = tls::connection(&config.url)?;
+    let mut pg: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
     // The schema name is checked to be a plain identifier, so it needs no escaping here.
     pg.options(format!("-c search_path={}", config.schema));
     if pg.get_application_name().is_none() {
@@ -74,7 +82,7 @@ pub fn pg_config(config: &DatabaseConfig) -> Result<tokio_postgres::Config, DbEr
         pg.connect_timeout(CONNECT_TIMEOUT);
     }
     pg.keepalives(true).keepalives_idle(Duration::from_secs(30));
-    Ok(pg)
+    Ok((pg, tls))
 }
 
 /// Opens one connection, driven by a background task.
@@ -82,13 +90,15 @@ pub fn pg_config(config: &DatabaseConfig) -> Result<tokio_postgres::Config, DbEr
 /// # Errors
 /// When the database cannot be reached.
 pub async fn connect(config: &DatabaseConfig) -> Result<Client, DbError> {
-    connect_with(&pg_config(config)?).await
+    let (pg, tls) = pg_config(config)?;
+    connect_with(&pg, &tls).await
 }
 
-async fn connect_with(pg: &tokio_postgres::Config) -> Result<Client, DbError> {
-    // TODO: TLS (sslmode=require / verify-full, SPEC 8) is not wired yet; connections are
-    // plain, which is right for the local socket and loopback but not across a network.
-    let (client, connection) = pg.connect(NoTls).await.map_err(DbError::Connect)?;
+async fn connect_with(
+    pg: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+) -> Result<Client, DbError> {
+    let (client, connection) = pg.connect(tls.clone()).await.map_err(DbError::Connect)?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "Database connection closed.");
@@ -102,9 +112,10 @@ async fn connect_with(pg: &tokio_postgres::Config) -> Result<Client, DbError> {
 /// # Errors
 /// When `database.url` cannot be parsed.
 pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
+    let (pg, tls) = pg_config(config)?;
     let manager = Manager::from_config(
-        pg_config(config)?,
-        NoTls,
+        pg,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -126,12 +137,12 @@ pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
 /// # Errors
 /// When the database cannot be reached or created, or a migration fails.
 pub async fn migrate(config: &DatabaseConfig) -> Result<(), DbError> {
-    let pg = pg_config(config)?;
-    let mut client = match connect_with(&pg).await {
+    let (pg, tls) = pg_config(config)?;
+    let mut client = match connect_with(&pg, &tls).await {
         Ok(client) => client,
         Err(error) if is_missing_database(&error) => {
-            create_database(&pg).await?;
-            connect_with(&pg).await?
+            create_database(&pg, &tls).await?;
+            connect_with(&pg, &tls).await?
         }
         Err(error) => return Err(error),
     };
@@ -170,11 +181,18 @@ fn is_missing_database(error: &DbError) -> bool {
 }
 
 /// Creates the database named in `pg` through the `postgres` maintenance database.
-async fn create_database(pg: &tokio_postgres::Config) -> Result<(), DbError> {
-    let name = pg.get_dbname().unwrap_or_default().to_owned();
+async fn create_database(
+    pg: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+) -> Result<(), DbError> {
+    let name = match pg.get_dbname() {
+        Some(name) => name.to_owned(),
+        // Like libpq, a connection without a database name goes to the user's database.
+        None => pg.get_user().unwrap_or_default().to_owned(),
+    };
     let mut maintenance = pg.clone();
     maintenance.dbname("postgres");
-    let client = connect_with(&maintenance).await?;
+    let client = connect_with(&maintenance, tls).await?;
     let sql = format!("CREATE DATABASE {}", quote_identifier(&name));
     match client.batch_execute(&sql).await {
         Ok(()) => {

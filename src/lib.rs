@@ -16,4 +16,5 @@ pub mod run;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod update;
