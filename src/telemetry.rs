@@ -239,3 +239,56 @@ pub fn progress_bar(file: &str, bytes: Option<u64>) -> Option<ProgressBar> {
     bar.set_message(file.to_owned());
     Some(bar)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+    use std::collections::BTreeMap;
+
+    /// promtool refuses metrics without help text; every series tokensync writes has one.
+    #[test]
+    fn every_metric_has_help_text() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe_metrics();
+            let time = chrono::Utc::now();
+            let report = Report {
+                batch_id: uuid::Uuid::nil(),
+                file: "t.csv".into(),
+                sha256: String::new(),
+                format: "csv".into(),
+                status: Status::Applied,
+                rows_total: 1,
+                rows_applied: 1,
+                rows_unchanged: 0,
+                rows_failed: 0,
+                errors_by_code: BTreeMap::from([(ErrorCode::InvalidValue, 1)]),
+                started_at: time,
+                finished_at: time,
+            };
+            batch_finished(&report, 10, Duration::from_millis(5));
+            scan_finished(2);
+            database_up(true, None);
+            counter!(FAILURES_TOTAL, "kind" => "batch").increment(1);
+        });
+        let text = handle.render();
+        let names: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .map(|line| line.split(['{', ' ']).next().unwrap())
+            .collect();
+        assert!(names.len() >= 11, "{text}");
+        for name in names {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            assert!(
+                text.contains(&format!("# HELP {base} ")),
+                "no help for {name} in\n{text}"
+            );
+        }
+    }
+}
