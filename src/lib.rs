@@ -17,4 +17,5 @@ pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod token;
 pub mod update;
