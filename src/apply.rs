@@ -131,6 +131,11 @@ impl Applier {
         })
     }
 
+    /// The definition read when the applier was made.
+    pub fn definition(&self) -> Definition {
+        self.definition
+    }
+
     /// Applies one row in a savepoint of `tx`.
     ///
     /// # Errors

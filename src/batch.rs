@@ -10,14 +10,16 @@
 //! `paths.failed`, the reports first.
 
 use crate::apply::{self, Applier, RowOutcome};
+use crate::bulk::{self, BulkApplier};
 use crate::claim::{self, AppliedBatch, Claim, Judgement};
-use crate::config::{Config, OnRowError};
+use crate::config::{ApplyMethod, Config, OnRowError};
 use crate::db::DbError;
 use crate::error::{ErrorCode, RowError};
 use crate::report::{self, Report, ReportFiles, Status};
 use crate::row::{self, FileKind, Row, Rows, Span};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
+use crate::update::TokenUpdate;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Client;
@@ -139,6 +141,64 @@ struct Tally {
     errors_by_code: BTreeMap<ErrorCode, u64>,
     failed_spans: Vec<Span>,
     file_fault: Option<RowError>,
+    /// How far into the (decompressed) file the rows counted so far reach.
+    bytes_read: u64,
+}
+
+/// The way rows reach the table: one by one, or in chunks (see [`crate::bulk`]).
+enum Engine {
+    RowByRow(Applier),
+    SetBased(BulkApplier),
+}
+
+impl Engine {
+    async fn new(
+        method: ApplyMethod,
+        tx: &Transaction<'_>,
+        is_dry_run: bool,
+    ) -> Result<Engine, DbError> {
+        Ok(match method {
+            ApplyMethod::RowByRow => Engine::RowByRow(Applier::new(tx, is_dry_run).await?),
+            ApplyMethod::SetBased => Engine::SetBased(BulkApplier::new(tx, is_dry_run).await?),
+        })
+    }
+
+    /// How many rows to gather before applying them.
+    fn chunk_rows(&self) -> usize {
+        match self {
+            Engine::RowByRow(_) => 1,
+            Engine::SetBased(_) => bulk::CHUNK_ROWS,
+        }
+    }
+
+    /// The outcome of each row, in order; rows that failed to parse keep their errors.
+    async fn apply(
+        &self,
+        tx: &mut Transaction<'_>,
+        rows: &[Row],
+    ) -> Result<Vec<RowOutcome>, DbError> {
+        let updates: Vec<&TokenUpdate> =
+            rows.iter().filter_map(|r| r.update.as_ref().ok()).collect();
+        let applied = match self {
+            Engine::RowByRow(applier) => {
+                let mut outcomes = Vec::with_capacity(updates.len());
+                for update in updates {
+                    outcomes.push(applier.apply(tx, update).await?);
+                }
+                outcomes
+            }
+            Engine::SetBased(applier) => applier.apply_chunk(tx, &updates).await?,
+        };
+        let mut applied = applied.into_iter();
+        let outcomes = rows
+            .iter()
+            .map(|row| match &row.update {
+                Ok(_) => applied.next().expect("one outcome per valid row"),
+                Err(errors) => RowOutcome::Failed(errors.clone()),
+            })
+            .collect();
+        Ok(outcomes)
+    }
 }
 
 impl Tally {
@@ -146,6 +206,37 @@ impl Tally {
         for error in errors {
             *self.errors_by_code.entry(error.code).or_default() += 1;
         }
+    }
+
+    /// Counts one row's outcome and writes its errors or result.
+    fn record(&mut self, sink: &mut Sink<'_>, row: Row, outcome: RowOutcome) -> anyhow::Result<()> {
+        self.rows_total += 1;
+        self.bytes_read = row.span.end;
+        let result = match outcome {
+            RowOutcome::Applied(result) => {
+                self.rows_applied += 1;
+                result
+            }
+            RowOutcome::Unchanged(result) => {
+                self.rows_unchanged += 1;
+                result
+            }
+            RowOutcome::Failed(errors) => {
+                self.rows_failed += 1;
+                self.failed_spans.push(row.span);
+                self.count_errors(&errors);
+                for error in &errors {
+                    sink.error(error)
+                        .context("cannot write the errors report")?;
+                }
+                None
+            }
+        };
+        if let Some(result) = result {
+            sink.result(row.line, result)
+                .context("cannot write the results report")?;
+        }
+        Ok(())
     }
 
     /// Puts the tally into the report, with the status it amounts to.
@@ -524,7 +615,7 @@ async fn apply_rows(
     progress: Option<&ProgressBar>,
 ) -> anyhow::Result<(Tally, Option<Span>)> {
     let definitions = Arc::new(apply::load_custom_fields(&*tx).await?);
-    let applier = Applier::new(tx, is_dry_run).await?;
+    let engine = Engine::new(config.apply.method, tx, is_dry_run).await?;
 
     let (sender, mut receiver) = mpsc::channel::<Result<Row, RowError>>(256);
     let path = file.path.clone();
@@ -555,54 +646,36 @@ async fn apply_rows(
     });
 
     let mut tally = Tally::default();
-    while let Some(item) = receiver.recv().await {
-        let row = match item {
-            Ok(row) => row,
-            Err(fault) => {
-                sink.error(&fault)
-                    .context("cannot write the errors report")?;
-                tally.count_errors(std::slice::from_ref(&fault));
-                tally.file_fault = Some(fault);
-                break;
+    let mut chunk: Vec<Row> = Vec::with_capacity(engine.chunk_rows());
+    loop {
+        let (is_end, fault) = match receiver.recv().await {
+            Some(Ok(row)) => {
+                chunk.push(row);
+                (false, None)
             }
+            Some(Err(fault)) => (true, Some(fault)),
+            None => (true, None),
         };
-        if shutdown.is_past_deadline() {
-            return Err(Interrupted.into());
+        if chunk.len() >= engine.chunk_rows() || (is_end && !chunk.is_empty()) {
+            if shutdown.is_past_deadline() {
+                return Err(Interrupted.into());
+            }
+            let outcomes = engine.apply(tx, &chunk).await?;
+            for (row, outcome) in chunk.drain(..).zip(outcomes) {
+                tally.record(sink, row, outcome)?;
+            }
+            if let Some(bar) = progress {
+                bar.set_position(tally.bytes_read);
+            }
         }
-        tally.rows_total += 1;
-        if let Some(bar) = progress
-            && tally.rows_total % 256 == 0
-        {
-            bar.set_position(row.span.end);
+        if let Some(fault) = fault {
+            sink.error(&fault)
+                .context("cannot write the errors report")?;
+            tally.count_errors(std::slice::from_ref(&fault));
+            tally.file_fault = Some(fault);
         }
-        let outcome = match &row.update {
-            Ok(update) => applier.apply(tx, update).await?,
-            Err(errors) => RowOutcome::Failed(errors.clone()),
-        };
-        match outcome {
-            RowOutcome::Applied(result) => {
-                tally.rows_applied += 1;
-                if let Some(result) = result {
-                    sink.result(row.line, result)
-                        .context("cannot write the results report")?;
-                }
-            }
-            RowOutcome::Unchanged(result) => {
-                tally.rows_unchanged += 1;
-                if let Some(result) = result {
-                    sink.result(row.line, result)
-                        .context("cannot write the results report")?;
-                }
-            }
-            RowOutcome::Failed(errors) => {
-                tally.rows_failed += 1;
-                tally.failed_spans.push(row.span);
-                tally.count_errors(&errors);
-                for error in &errors {
-                    sink.error(error)
-                        .context("cannot write the errors report")?;
-                }
-            }
+        if is_end {
+            break;
         }
     }
     drop(receiver);

@@ -45,6 +45,15 @@ pub enum OnRowError {
     SkipRow,
 }
 
+/// How the rows of a batch reach the table (`apply.method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyMethod {
+    /// In chunks, with a few statements each (the default).
+    SetBased,
+    /// One row after another: the reference implementation.
+    RowByRow,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -89,6 +98,7 @@ pub struct ScheduleConfig {
 #[derive(Debug, Clone)]
 pub struct ApplyConfig {
     pub on_row_error: OnRowError,
+    pub method: ApplyMethod,
     /// Under `skip-row`, a batch with more failed rows than this is rejected as a whole.
     pub max_failed_rows: Option<u64>,
     /// The largest file accepted, once decompressed.
@@ -153,7 +163,7 @@ impl Config {
         format!(
             "database.url={} database.schema={} database.pool_size={} paths.incoming={} \
              paths.archive={} paths.failed={} schedule.cron={:?} schedule.min_file_age={} \
-             schedule.shutdown_timeout={} apply.on_row_error={} apply.max_failed_rows={} \
+             schedule.shutdown_timeout={} apply.on_row_error={} apply.method={:?} apply.max_failed_rows={} \
              apply.max_file_bytes={} apply.max_row_bytes={} csv.delimiter={:?} \
              csv.null_marker={:?} metrics.listen={} metrics.textfile={}",
             redact_url(&self.database.url),
@@ -166,6 +176,7 @@ impl Config {
             humantime::format_duration(self.schedule.min_file_age),
             humantime::format_duration(self.schedule.shutdown_timeout),
             self.apply.on_row_error,
+            self.apply.method,
             self.apply
                 .max_failed_rows
                 .map_or("none".to_owned(), |n| n.to_string()),
@@ -246,6 +257,7 @@ struct RawSchedule {
 #[serde(default, deny_unknown_fields)]
 struct RawApply {
     on_row_error: Loose,
+    method: Loose,
     max_failed_rows: Option<Loose>,
     max_file_bytes: Loose,
     max_row_bytes: Loose,
@@ -317,6 +329,7 @@ impl Default for RawConfig {
             },
             apply: RawApply {
                 on_row_error: Loose::text("reject-batch"),
+                method: Loose::text("set-based"),
                 max_failed_rows: None,
                 max_file_bytes: Loose::text("4GiB"),
                 max_row_bytes: Loose::text("1MiB"),
@@ -394,6 +407,7 @@ impl TryFrom<RawConfig> for Config {
         };
         let apply = ApplyConfig {
             on_row_error: on_row_error("apply.on_row_error", raw.apply.on_row_error)?,
+            method: apply_method("apply.method", raw.apply.method)?,
             max_failed_rows: match raw.apply.max_failed_rows {
                 Some(value) => Some(count("apply.max_failed_rows", value)?),
                 None => None,
@@ -521,6 +535,17 @@ fn on_row_error(key: &str, value: Loose) -> Result<OnRowError, ConfigError> {
         other => Err(invalid(
             key,
             format!("expected reject-batch or skip-row, found {other:?}"),
+        )),
+    }
+}
+
+fn apply_method(key: &str, value: Loose) -> Result<ApplyMethod, ConfigError> {
+    match value.into_text().as_str() {
+        "set-based" => Ok(ApplyMethod::SetBased),
+        "row-by-row" => Ok(ApplyMethod::RowByRow),
+        other => Err(invalid(
+            key,
+            format!("expected set-based or row-by-row, found {other:?}"),
         )),
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod batch;
+pub mod bulk;
 pub mod claim;
 pub mod config;
 pub mod daemon;
