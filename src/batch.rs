@@ -145,6 +145,15 @@ struct Tally {
     bytes_read: u64,
 }
 
+/// Rows travel from the reader thread in parcels, to spare a thread switch per row.
+const PARCEL_ROWS: usize = 256;
+
+/// What the reader thread sends: rows in file order, then possibly a file fault (the end).
+enum Parcel {
+    Rows(Vec<Row>),
+    Fault(RowError),
+}
+
 /// The way rows reach the table: one by one, or in chunks (see [`crate::bulk`]).
 enum Engine {
     RowByRow(Applier),
@@ -561,12 +570,17 @@ async fn finish_unfinished(
     Ok(report)
 }
 
-/// Removes a work folder and everything in it; a folder that is not there is fine.
+/// Removes a work folder and everything in it, and the shared work folder above it once
+/// empty; a folder that is not there is fine.
 fn remove_work_dir(dir: &Path) {
     if let Err(error) = std::fs::remove_dir_all(dir)
         && error.kind() != io::ErrorKind::NotFound
     {
         tracing::warn!(dir = %dir.display(), %error, "Cannot remove a work folder.");
+    }
+    if let Some(parent) = dir.parent() {
+        // Another batch may still use it: then it is not empty and stays.
+        let _ = std::fs::remove_dir(parent);
     }
 }
 
@@ -617,7 +631,7 @@ async fn apply_rows(
     let definitions = Arc::new(apply::load_custom_fields(&*tx).await?);
     let engine = Engine::new(config.apply.method, tx, is_dry_run).await?;
 
-    let (sender, mut receiver) = mpsc::channel::<Result<Row, RowError>>(256);
+    let (sender, mut receiver) = mpsc::channel::<Parcel>(8);
     let path = file.path.clone();
     let kind = file.kind;
     let options = config.read_options();
@@ -625,43 +639,66 @@ async fn apply_rows(
         let input = match row::open(&path, kind, options.max_file_bytes) {
             Ok(input) => input,
             Err(error) => {
-                let _ = sender.blocking_send(Err(row::file_fault(&error)));
+                let _ = sender.blocking_send(Parcel::Fault(row::file_fault(&error)));
                 return None;
             }
         };
         let rows = match Rows::new(input, kind.format, &options, &definitions) {
             Ok(rows) => rows,
             Err(error) => {
-                let _ = sender.blocking_send(Err(error));
+                let _ = sender.blocking_send(Parcel::Fault(error));
                 return None;
             }
         };
         let header_span = rows.header_span();
+        let mut parcel = Vec::with_capacity(PARCEL_ROWS);
         for row in rows {
-            if sender.blocking_send(row).is_err() {
+            let parcel_or_fault = match row {
+                Ok(row) => {
+                    parcel.push(row);
+                    if parcel.len() < PARCEL_ROWS {
+                        continue;
+                    }
+                    Parcel::Rows(std::mem::replace(
+                        &mut parcel,
+                        Vec::with_capacity(PARCEL_ROWS),
+                    ))
+                }
+                Err(fault) => {
+                    let rows = std::mem::take(&mut parcel);
+                    if sender.blocking_send(Parcel::Rows(rows)).is_err() {
+                        break;
+                    }
+                    Parcel::Fault(fault)
+                }
+            };
+            if sender.blocking_send(parcel_or_fault).is_err() {
                 break;
             }
         }
+        let _ = sender.blocking_send(Parcel::Rows(parcel));
         header_span
     });
 
     let mut tally = Tally::default();
-    let mut chunk: Vec<Row> = Vec::with_capacity(engine.chunk_rows());
+    let mut pending: Vec<Row> = Vec::new();
     loop {
         let (is_end, fault) = match receiver.recv().await {
-            Some(Ok(row)) => {
-                chunk.push(row);
+            Some(Parcel::Rows(rows)) => {
+                pending.extend(rows);
                 (false, None)
             }
-            Some(Err(fault)) => (true, Some(fault)),
+            Some(Parcel::Fault(fault)) => (true, Some(fault)),
             None => (true, None),
         };
-        if chunk.len() >= engine.chunk_rows() || (is_end && !chunk.is_empty()) {
+        while pending.len() >= engine.chunk_rows() || (is_end && !pending.is_empty()) {
             if shutdown.is_past_deadline() {
                 return Err(Interrupted.into());
             }
+            let take = pending.len().min(engine.chunk_rows());
+            let chunk: Vec<Row> = pending.drain(..take).collect();
             let outcomes = engine.apply(tx, &chunk).await?;
-            for (row, outcome) in chunk.drain(..).zip(outcomes) {
+            for (row, outcome) in chunk.into_iter().zip(outcomes) {
                 tally.record(sink, row, outcome)?;
             }
             if let Some(bar) = progress {

@@ -151,7 +151,9 @@ impl BulkApplier {
         tx: &mut Transaction<'_>,
         updates: &[&TokenUpdate],
     ) -> Result<Vec<RowOutcome>, DbError> {
+        let clock = std::time::Instant::now();
         let found = self.resolve(tx, updates).await?;
+        let resolved_ms = clock.elapsed().as_millis() as u64;
         let is_dependent = dependent_rows(updates, &found);
 
         let mut outcomes: Vec<Option<RowOutcome>> = vec![None; updates.len()];
@@ -180,7 +182,16 @@ impl BulkApplier {
             }
         }
 
+        let checked_ms = clock.elapsed().as_millis() as u64;
         let written = self.write(tx, &changed).await?;
+        let written_ms = clock.elapsed().as_millis() as u64;
+        tracing::debug!(
+            rows = updates.len(),
+            resolved_ms,
+            checked_ms,
+            written_ms,
+            "Chunk applied."
+        );
         for (i, next, _) in changed {
             let update = updates[i];
             outcomes[i] = Some(if written.contains(&next.id) {

@@ -4,7 +4,8 @@
 //! The scheduler only *asks* for a scan, through a channel of one slot: a single worker
 //! runs the scans, so they never overlap, and ticks that come while a scan runs fold into
 //! one scan after it. A scan cut short because the database went away is retried with
-//! capped exponential back-off (1 s doubling to 60 s), without waiting for the next tick.
+//! capped exponential back-off (1 s doubling to 60 s) instead of on the ticks, or as soon as
+//! the database check (every 5 s) finds the database back.
 
 use crate::config::Config;
 use crate::db;
@@ -71,11 +72,16 @@ async fn run_inner(config: &Config, metrics: PrometheusHandle) -> anyhow::Result
                 None => std::future::pending().await,
             }
         };
+        // While the database is down, ticks wait for the back-off or for the database's
+        // return, so retries do not come every tick.
+        let is_waiting = retry_in.is_some();
         tokio::select! {
             () = shutdown.requested() => break,
-            _ = requests.recv() => {}
+            _ = requests.recv(), if !is_waiting => {}
             () = retry => {}
+            () = health::database_back(), if is_waiting => {}
         }
+        while requests.try_recv().is_ok() {}
         let scan = run::scan(
             config,
             &pool,

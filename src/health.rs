@@ -38,11 +38,22 @@ pub async fn check_database(pool: &Pool) -> anyhow::Result<()> {
             "the database did not answer within {CHECK_TIMEOUT:?}"
         )),
     };
-    match &result {
+    let is_back = match &result {
         Ok(()) => telemetry::database_up(true, None),
         Err(error) => telemetry::database_up(false, Some(&format!("{error:#}"))),
+    };
+    if is_back {
+        DATABASE_BACK.notify_waiters();
     }
     result
+}
+
+/// Wakes whoever waits in [`database_back`] when the database answers again.
+static DATABASE_BACK: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Waits until a check finds the database answering again after an outage.
+pub async fn database_back() {
+    DATABASE_BACK.notified().await;
 }
 
 /// Checks the database every `every` until a stop is requested, so that

@@ -116,11 +116,12 @@ pub async fn scan(
         let mode = Mode::Apply { show_progress };
         match batch::process(config, pool, file, mode, shutdown).await {
             Ok(Some(report)) => scan.outcome = scan.outcome.max(Outcome::of(&report)),
-            Ok(None) => {}
+            Ok(None) => telemetry::file_claimed_elsewhere(&file.name),
             Err(error) => {
-                telemetry::batch_interrupted(&file.name, &error);
+                let is_database_down = is_connection_lost(&error);
+                telemetry::batch_interrupted(&file.name, &error, is_database_down);
                 scan.outcome = Outcome::Trouble;
-                if is_connection_lost(&error) {
+                if is_database_down {
                     telemetry::database_up(false, Some(&format!("{error:#}")));
                     scan.is_database_down = true;
                     break;

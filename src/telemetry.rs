@@ -77,6 +77,10 @@ pub const DURATION_BUCKETS: [f64; 12] = [
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
 ];
 
+/// Levels when `RUST_LOG` is not set. deadpool's pool logs a warning for every broken
+/// connection; during an outage that is once per retry, so only its errors show.
+const DEFAULT_LOG_FILTER: &str = "warn,tokensync=info,deadpool.postgres=error";
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -89,7 +93,7 @@ pub enum LogFormat {
 /// logs below INFO.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("warn,tokensync=info"))
+        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER))
         // Below INFO, tokio-postgres logs statement parameters: authentication codes
         // and card numbers. No RUST_LOG may bring those out.
         .add_directive("tokio_postgres=info".parse().expect("a valid directive"));
@@ -134,15 +138,30 @@ pub fn batch_finished(report: &Report, file_bytes: u64, duration: Duration) {
 
 /// A batch was cut short (the database went away, a report could not be written); its file
 /// stays in `paths.incoming` for the next scan.
-pub fn batch_interrupted(file: &str, error: &anyhow::Error) {
-    tracing::warn!(
-        file,
-        error = format!("{error:#}"),
-        "Batch interrupted; the file stays for a retry."
-    );
+pub fn batch_interrupted(file: &str, error: &anyhow::Error, is_database_down: bool) {
+    let error = format!("{error:#}");
+    if is_database_down {
+        // The outage itself is logged once, by `database_up`; a retry says nothing new.
+        tracing::debug!(
+            file,
+            error,
+            "Batch interrupted by the database; the file waits."
+        );
+    } else {
+        tracing::warn!(
+            file,
+            error,
+            "Batch interrupted; the file stays for a retry."
+        );
+    }
     counter!(FAILURES_TOTAL, "kind" => "batch").increment(1);
 }
 
+/// A file is being applied by another instance (or by a session of a process that just
+/// died, until PostgreSQL notices); this scan leaves it alone.
+pub fn file_claimed_elsewhere(file: &str) {
+    tracing::info!(file, "File held by another instance; left to it.");
+}
 /// A scan of `paths.incoming` found `ready` files.
 pub fn scan_finished(ready: usize) {
     tracing::debug!(ready, "Scan finished.");
@@ -150,15 +169,16 @@ pub fn scan_finished(ready: usize) {
     gauge!(INCOMING_FILES).set(ready as f64);
 }
 
-/// Whether the database answers. Logged when it changes, not on every check.
-pub fn database_up(is_up: bool, error: Option<&dyn std::fmt::Display>) {
+/// Whether the database answers. Logged when it changes, not on every check. Gives true
+/// when the database answers again after being down.
+pub fn database_up(is_up: bool, error: Option<&dyn std::fmt::Display>) -> bool {
     static LAST: std::sync::Mutex<Option<bool>> = std::sync::Mutex::new(None);
     gauge!(DATABASE_UP).set(if is_up { 1.0 } else { 0.0 });
     let mut last = LAST
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if *last == Some(is_up) {
-        return;
+        return false;
     }
     let was_seen = last.is_some();
     *last = Some(is_up);
@@ -171,6 +191,7 @@ pub fn database_up(is_up: bool, error: Option<&dyn std::fmt::Display>) {
         }
         (false, None) => tracing::error!("The database is unreachable; files wait in incoming."),
     }
+    is_up && was_seen
 }
 
 /// Installs the process-wide Prometheus recorder, with buckets for the histograms, and
