@@ -1,11 +1,13 @@
-//! Pass codes and authentication codes: Argon2id hashing and verification, run on blocking
-//! threads so they never stall the async workers, and random codes from a cryptographic
-//! source.
+//! Pass codes and authentication codes: Argon2id hashing and verification, run on a fixed
+//! pool of worker threads (one per core) so they never stall the async workers and their
+//! memory stays bounded, and random codes from a cryptographic source.
 
 use crate::update::Secret;
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use rand::Rng;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, mpsc};
+use tokio::sync::oneshot;
 
 /// The characters of a generated authentication code.
 const CODE_ALPHABET: &[u8; 36] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
@@ -19,9 +21,7 @@ pub const GENERATED_CODE_LEN: usize = 16;
 /// If the blocking thread panics, or Argon2 refuses a pass code of 1 to 128 bytes (it takes
 /// up to 4 GiB).
 pub async fn hash_pass_code(pass_code: Secret) -> String {
-    tokio::task::spawn_blocking(move || hash_pass_code_blocking(&pass_code))
-        .await
-        .expect("the hashing thread does not panic")
+    on_worker(move || hash_pass_code_blocking(&pass_code)).await
 }
 
 /// [`hash_pass_code`] on the calling thread.
@@ -68,31 +68,84 @@ pub async fn verify_many(pairs: Vec<(Secret, String)>) -> Vec<bool> {
     .await
 }
 
-/// Runs `work` on every item, on one blocking thread per core (Argon2 needs ~19 MiB of
-/// memory per running hash, so never more at once), and gives the results in order.
+/// Runs `work` on every item across the Argon2 workers, one share per worker, and gives
+/// the results in order.
 async fn across_cores<T, R>(items: Vec<T>, work: fn(T) -> R) -> Vec<R>
 where
     T: Send + 'static,
     R: Send + 'static,
 {
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let per_thread = items.len().div_ceil(cores).max(1);
-    let mut handles = Vec::with_capacity(cores);
+    let per_worker = items.len().div_ceil(worker_count()).max(1);
+    let mut shares = Vec::with_capacity(worker_count());
     let mut items = items.into_iter();
     loop {
-        let share: Vec<T> = items.by_ref().take(per_thread).collect();
+        let share: Vec<T> = items.by_ref().take(per_worker).collect();
         if share.is_empty() {
             break;
         }
-        handles.push(tokio::task::spawn_blocking(move || {
+        shares.push(on_worker(move || {
             share.into_iter().map(work).collect::<Vec<R>>()
         }));
     }
     let mut results = Vec::new();
-    for handle in handles {
-        results.extend(handle.await.expect("an Argon2 thread does not panic"));
+    for share in shares {
+        results.extend(share.await);
     }
     results
+}
+
+/// A job for an Argon2 worker.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// One long-lived thread per core runs every hash and verification. Argon2id takes ~19 MiB
+/// per running hash; a fixed set of threads reuses that memory, where short-lived blocking
+/// threads would each leave their own behind in the allocator.
+fn workers() -> &'static Mutex<mpsc::Sender<Job>> {
+    static WORKERS: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    WORKERS.get_or_init(|| {
+        let (sender, receiver) = mpsc::channel::<Job>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        for i in 0..worker_count() {
+            let receiver = Arc::clone(&receiver);
+            std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = receiver
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                })
+                .expect("an Argon2 worker thread starts");
+        }
+        Mutex::new(sender)
+    })
+}
+
+fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// Runs `work` on an Argon2 worker and waits for its result without blocking the runtime.
+///
+/// # Panics
+/// If the work panics.
+async fn on_worker<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'static) -> R {
+    let (done, result) = oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = done.send(work());
+    });
+    workers()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .send(job)
+        .expect("the workers live");
+    result.await.expect("an Argon2 job does not panic")
 }
 
 /// A new authentication code: 16 characters from `A-Z0-9`, drawn uniformly from the
