@@ -28,6 +28,7 @@
 use crate::apply::{Applier, RowOutcome};
 use crate::db::DbError;
 use crate::error::{ErrorCode, RowError};
+use crate::plain::{self, PlainOutcome};
 use crate::secret;
 use crate::token::{self, Definition, RowFacts, TOKEN_COLUMNS, Token};
 use crate::update::{Patch, Secret, TokenKey, TokenUpdate};
@@ -41,7 +42,7 @@ use uuid::Uuid;
 
 /// Rows per chunk: large enough to amortise the round trips, small enough to keep memory
 /// flat (a chunk holds its rows and their tokens).
-pub const CHUNK_ROWS: usize = 5_000;
+pub const CHUNK_ROWS: usize = 10_000;
 
 const STAGING_SQL: &str = "CREATE TEMPORARY TABLE tokensync_staging (
     id uuid, row_version text, authentication_code text, identifier text,
@@ -96,7 +97,7 @@ const UPDATE_SQL: &str = "UPDATE access_tokens t SET \
     RETURNING t.id";
 
 /// A stand-in for the hash of a new pass code in a dry run, which is never committed.
-const DRY_RUN_HASH: &str = "$dry-run$";
+pub const DRY_RUN_HASH: &str = "$dry-run$";
 
 /// A token as resolved in step 1, with the version it was read at.
 #[derive(Debug, Clone)]
@@ -126,9 +127,16 @@ impl BulkApplier {
     pub async fn new(tx: &Transaction<'_>, is_dry_run: bool) -> Result<BulkApplier, DbError> {
         let rows = Applier::new(tx, is_dry_run).await?;
         let definition = rows.definition();
-        tx.batch_execute(STAGING_SQL)
-            .await
-            .map_err(DbError::query("cannot create the staging table"))?;
+        // Chunks are small beside the table: a merge join would walk the index from its start
+        // for every chunk, and a hash join scan the whole table; index lookups scale. Cheaper
+        // random reads (as on SSDs) steer the planner to them.
+        let settings = "SET LOCAL enable_mergejoin = off; SET LOCAL random_page_cost = 1.1";
+        tx.batch_execute(&format!(
+            "{STAGING_SQL}; {}; {settings}",
+            plain::PATCH_TABLE_SQL
+        ))
+        .await
+        .map_err(DbError::query("cannot create the staging table"))?;
         let now = tx
             .query_one("SELECT now()", &[])
             .await
@@ -152,7 +160,11 @@ impl BulkApplier {
         updates: &[&TokenUpdate],
     ) -> Result<Vec<RowOutcome>, DbError> {
         let clock = std::time::Instant::now();
-        let found = self.resolve(tx, updates).await?;
+        let is_plain: Vec<bool> = updates
+            .iter()
+            .map(|update| plain::is_plain(update))
+            .collect();
+        let found = self.resolve(tx, updates, &is_plain).await?;
         let resolved_ms = clock.elapsed().as_millis() as u64;
         let is_dependent = dependent_rows(updates, &found);
 
@@ -163,7 +175,21 @@ impl BulkApplier {
             }
         }
 
-        let independent: Vec<usize> = (0..updates.len()).filter(|i| !is_dependent[*i]).collect();
+        let plain_rows: Vec<usize> = (0..updates.len())
+            .filter(|i| !is_dependent[*i] && is_plain[*i])
+            .collect();
+        let plain_outcomes = plain::apply(tx, updates, &plain_rows, self.is_dry_run).await?;
+        for (i, outcome) in plain_rows.into_iter().zip(plain_outcomes) {
+            outcomes[i] = Some(match outcome {
+                PlainOutcome::Done(outcome) => outcome,
+                // Changed by another transaction since the statement began: apply it afresh.
+                PlainOutcome::Retry => self.rows.apply(tx, updates[i]).await?,
+            });
+        }
+
+        let independent: Vec<usize> = (0..updates.len())
+            .filter(|i| !is_dependent[*i] && !is_plain[*i])
+            .collect();
         let mut changed: Vec<(usize, Token, String)> = Vec::new();
         let states = self.check(tx, updates, &found, &independent).await?;
         for (i, state) in independent.into_iter().zip(states) {
@@ -217,10 +243,11 @@ impl BulkApplier {
         &self,
         tx: &Transaction<'_>,
         updates: &[&TokenUpdate],
+        is_plain: &[bool],
     ) -> Result<Vec<Option<Found>>, DbError> {
         let mut codes: Vec<&str> = Vec::new();
         let mut identifiers: Vec<&str> = Vec::new();
-        for update in updates {
+        for (update, _) in updates.iter().zip(is_plain).filter(|(_, plain)| !**plain) {
             match &update.key {
                 TokenKey::AuthenticationCode(code) => codes.push(code.expose()),
                 TokenKey::Identifier { identifier, .. } => identifiers.push(identifier),
@@ -232,6 +259,11 @@ impl BulkApplier {
         let mut found = Vec::with_capacity(updates.len());
         let mut to_verify = Vec::new();
         for (i, update) in updates.iter().enumerate() {
+            if is_plain[i] {
+                // A plain row is found by the fast lane's own statement.
+                found.push(None);
+                continue;
+            }
             let token = match &update.key {
                 TokenKey::AuthenticationCode(code) => by_code.get(code.expose()).cloned(),
                 TokenKey::Identifier {
