@@ -10,7 +10,7 @@
 //! `paths.failed`, the reports first.
 
 use crate::apply::{self, Applier, RowOutcome};
-use crate::bulk::{self, BulkApplier};
+use crate::bulk::BulkApplier;
 use crate::claim::{self, AppliedBatch, Claim, Judgement};
 use crate::config::{ApplyMethod, Config, OnRowError};
 use crate::db::DbError;
@@ -157,18 +157,24 @@ enum Parcel {
 /// The way rows reach the table: one by one, or in chunks (see [`crate::bulk`]).
 enum Engine {
     RowByRow(Applier),
-    SetBased(BulkApplier),
+    SetBased {
+        applier: BulkApplier,
+        chunk_rows: usize,
+    },
 }
 
 impl Engine {
     async fn new(
-        method: ApplyMethod,
+        config: &Config,
         tx: &Transaction<'_>,
         is_dry_run: bool,
     ) -> Result<Engine, DbError> {
-        Ok(match method {
+        Ok(match config.apply.method {
             ApplyMethod::RowByRow => Engine::RowByRow(Applier::new(tx, is_dry_run).await?),
-            ApplyMethod::SetBased => Engine::SetBased(BulkApplier::new(tx, is_dry_run).await?),
+            ApplyMethod::SetBased => Engine::SetBased {
+                applier: BulkApplier::new(tx, is_dry_run).await?,
+                chunk_rows: config.apply.chunk_rows,
+            },
         })
     }
 
@@ -176,7 +182,7 @@ impl Engine {
     fn chunk_rows(&self) -> usize {
         match self {
             Engine::RowByRow(_) => 1,
-            Engine::SetBased(_) => bulk::CHUNK_ROWS,
+            Engine::SetBased { chunk_rows, .. } => *chunk_rows,
         }
     }
 
@@ -196,7 +202,7 @@ impl Engine {
                 }
                 outcomes
             }
-            Engine::SetBased(applier) => applier.apply_chunk(tx, &updates).await?,
+            Engine::SetBased { applier, .. } => applier.apply_chunk(tx, &updates).await?,
         };
         let mut applied = applied.into_iter();
         let outcomes = rows
@@ -629,7 +635,7 @@ async fn apply_rows(
     progress: Option<&ProgressBar>,
 ) -> anyhow::Result<(Tally, Option<Span>)> {
     let definitions = Arc::new(apply::load_custom_fields(&*tx).await?);
-    let engine = Engine::new(config.apply.method, tx, is_dry_run).await?;
+    let engine = Engine::new(config, tx, is_dry_run).await?;
 
     let (sender, mut receiver) = mpsc::channel::<Parcel>(8);
     let path = file.path.clone();

@@ -40,10 +40,6 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-/// Rows per chunk: large enough to amortise the round trips, small enough to keep memory
-/// flat (a chunk holds its rows and their tokens).
-pub const CHUNK_ROWS: usize = 10_000;
-
 const STAGING_SQL: &str = "CREATE TEMPORARY TABLE tokensync_staging (
     id uuid, row_version text, authentication_code text, identifier text,
     pass_code_hash text, card_masked_number text,

@@ -99,6 +99,8 @@ pub struct ScheduleConfig {
 pub struct ApplyConfig {
     pub on_row_error: OnRowError,
     pub method: ApplyMethod,
+    /// Rows the set-based method applies together; memory grows with it.
+    pub chunk_rows: usize,
     /// Under `skip-row`, a batch with more failed rows than this is rejected as a whole.
     pub max_failed_rows: Option<u64>,
     /// The largest file accepted, once decompressed.
@@ -163,7 +165,8 @@ impl Config {
         format!(
             "database.url={} database.schema={} database.pool_size={} paths.incoming={} \
              paths.archive={} paths.failed={} schedule.cron={:?} schedule.min_file_age={} \
-             schedule.shutdown_timeout={} apply.on_row_error={} apply.method={:?} apply.max_failed_rows={} \
+             schedule.shutdown_timeout={} apply.on_row_error={} apply.method={:?} apply.chunk_rows={} \
+             apply.max_failed_rows={} \
              apply.max_file_bytes={} apply.max_row_bytes={} csv.delimiter={:?} \
              csv.null_marker={:?} metrics.listen={} metrics.textfile={}",
             redact_url(&self.database.url),
@@ -177,6 +180,7 @@ impl Config {
             humantime::format_duration(self.schedule.shutdown_timeout),
             self.apply.on_row_error,
             self.apply.method,
+            self.apply.chunk_rows,
             self.apply
                 .max_failed_rows
                 .map_or("none".to_owned(), |n| n.to_string()),
@@ -258,6 +262,7 @@ struct RawSchedule {
 struct RawApply {
     on_row_error: Loose,
     method: Loose,
+    chunk_rows: Loose,
     max_failed_rows: Option<Loose>,
     max_file_bytes: Loose,
     max_row_bytes: Loose,
@@ -330,6 +335,7 @@ impl Default for RawConfig {
             apply: RawApply {
                 on_row_error: Loose::text("reject-batch"),
                 method: Loose::text("set-based"),
+                chunk_rows: Loose::Integer(10_000),
                 max_failed_rows: None,
                 max_file_bytes: Loose::text("4GiB"),
                 max_row_bytes: Loose::text("1MiB"),
@@ -408,6 +414,10 @@ impl TryFrom<RawConfig> for Config {
         let apply = ApplyConfig {
             on_row_error: on_row_error("apply.on_row_error", raw.apply.on_row_error)?,
             method: apply_method("apply.method", raw.apply.method)?,
+            chunk_rows: usize::try_from(count("apply.chunk_rows", raw.apply.chunk_rows)?)
+                .ok()
+                .filter(|rows| *rows >= 1)
+                .ok_or_else(|| invalid("apply.chunk_rows", "expected at least 1"))?,
             max_failed_rows: match raw.apply.max_failed_rows {
                 Some(value) => Some(count("apply.max_failed_rows", value)?),
                 None => None,
