@@ -327,6 +327,7 @@ async fn stage_and_apply(
     taken: &HashSet<String>,
     hashes: Vec<String>,
 ) -> Result<HashMap<i32, Applied>, tokio_postgres::Error> {
+    let started = std::time::Instant::now();
     tx.batch_execute("TRUNCATE tokensync_patch").await?;
     let types = copy_types();
     let sink = tx.copy_in(COPY_SQL).await?;
@@ -339,6 +340,9 @@ async fn stage_and_apply(
         writer.as_mut().write(&staged.values()).await?;
     }
     writer.finish().await?;
+    let copied = std::time::Instant::now();
+    let copy_ms = (copied - started).as_millis() as u64;
+    tracing::debug!(copy_ms, "Plain rows staged.");
 
     // The statement lists the staged rows whose token exists, then the ids it wrote (with
     // no index): joining the two in SQL would cost a pass over one per row of the other.
@@ -364,6 +368,8 @@ async fn stage_and_apply(
     for entry in applied.values_mut() {
         entry.is_written = written.contains(&entry.id);
     }
+    let statement_ms = copied.elapsed().as_millis() as u64;
+    tracing::debug!(rows = applied.len(), statement_ms, "Plain rows applied.");
     Ok(applied)
 }
 

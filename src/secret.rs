@@ -131,11 +131,15 @@ fn worker_count() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
-/// Runs `work` on an Argon2 worker and waits for its result without blocking the runtime.
+/// Hands `work` to an Argon2 worker at once, and gives a future of its result that waits
+/// without blocking the runtime. (Handing it over before the first poll is what lets
+/// several shares run side by side.)
 ///
 /// # Panics
 /// If the work panics.
-async fn on_worker<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'static) -> R {
+fn on_worker<R: Send + 'static>(
+    work: impl FnOnce() -> R + Send + 'static,
+) -> impl Future<Output = R> {
     let (done, result) = oneshot::channel();
     let job: Job = Box::new(move || {
         let _ = done.send(work());
@@ -145,7 +149,7 @@ async fn on_worker<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'static)
         .unwrap_or_else(PoisonError::into_inner)
         .send(job)
         .expect("the workers live");
-    result.await.expect("an Argon2 job does not panic")
+    async move { result.await.expect("an Argon2 job does not panic") }
 }
 
 /// A new authentication code: 16 characters from `A-Z0-9`, drawn uniformly from the
