@@ -15,8 +15,9 @@ use crate::claim::{self, AppliedBatch, Claim, Judgement};
 use crate::config::{ApplyMethod, Config, OnRowError};
 use crate::db::DbError;
 use crate::error::{ErrorCode, RowError};
+use crate::incoming::{BatchFile, sha256_of};
 use crate::report::{self, Report, ReportFiles, Status};
-use crate::row::{self, FileKind, Row, Rows, Span};
+use crate::row::{self, Row, Rows, Span};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 use crate::update::TokenUpdate;
@@ -25,13 +26,11 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Client;
 use deadpool_postgres::Pool;
 use indicatif::ProgressBar;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_postgres::GenericClient;
 use tokio_postgres::Transaction;
@@ -39,64 +38,6 @@ use uuid::Uuid;
 
 /// The folder inside `paths.incoming` where batches keep their work files.
 pub const WORK_DIR: &str = ".tokensync";
-
-/// A batch file found in `paths.incoming`.
-#[derive(Debug, Clone)]
-pub struct BatchFile {
-    pub path: PathBuf,
-    pub name: String,
-    pub kind: FileKind,
-}
-
-impl BatchFile {
-    /// The batch file at `path`, if its name is one of a batch file (SPEC 2.1).
-    pub fn from_path(path: &Path) -> Option<BatchFile> {
-        let name = path.file_name()?.to_str()?.to_owned();
-        let kind = FileKind::from_name(&name)?;
-        Some(BatchFile {
-            path: path.to_owned(),
-            name,
-            kind,
-        })
-    }
-}
-
-/// The files of `incoming` ready to be taken, in lexical order of their names: batch file
-/// names, not hidden, regular files (links are skipped), unmodified for `min_file_age`.
-///
-/// # Errors
-/// When the folder cannot be listed.
-pub fn ready_files(incoming: &Path, min_file_age: Duration) -> io::Result<Vec<BatchFile>> {
-    let now = SystemTime::now();
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(incoming)? {
-        let entry = entry?;
-        let path = entry.path();
-        let Some(file) = BatchFile::from_path(&path) else {
-            continue;
-        };
-        if file.name.starts_with('.') {
-            continue;
-        }
-        // `DirEntry::metadata` does not follow links, so a link is never a regular file.
-        let Ok(metadata) = entry.metadata() else {
-            continue;
-        };
-        if !metadata.file_type().is_file() {
-            continue;
-        }
-        let age = metadata
-            .modified()
-            .ok()
-            .and_then(|m| now.duration_since(m).ok());
-        if age.unwrap_or_default() < min_file_age && !min_file_age.is_zero() {
-            continue;
-        }
-        files.push(file);
-    }
-    files.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(files)
-}
 
 /// Whether a batch runs for real, or as the dry run of `validate` that hands every error to
 /// its callback and writes nothing.
@@ -106,29 +47,6 @@ pub enum Mode<'a> {
         show_progress: bool,
     },
     Validate(&'a mut (dyn FnMut(&RowError) + Send)),
-}
-
-/// The hex SHA-256 of a file as stored (compressed if it is).
-///
-/// # Errors
-/// When the file cannot be read.
-pub async fn sha256_of(path: &Path) -> io::Result<String> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut file = File::open(path)?;
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 256 * 1024];
-        loop {
-            let read = file.read(&mut buffer)?;
-            if read == 0 {
-                break;
-            }
-            hasher.update(&buffer[..read]);
-        }
-        Ok(hex::encode(hasher.finalize()))
-    })
-    .await
-    .expect("the hashing thread does not panic")
 }
 
 /// The counts of a batch while its rows are applied.

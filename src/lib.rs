@@ -11,6 +11,7 @@ pub mod db;
 pub mod error;
 pub mod field;
 pub mod health;
+pub mod incoming;
 pub mod plain;
 pub mod report;
 pub mod row;

@@ -1,10 +1,11 @@
 //! The one-shot commands: `--run-now` and `validate`, and the exit codes they end with.
 
-use crate::batch::{self, BatchFile, Mode};
+use crate::batch::{self, Mode};
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::error::RowError;
 use crate::health;
+use crate::incoming::{self, BatchFile};
 use crate::report::{Report, Status};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
@@ -98,7 +99,7 @@ pub async fn scan(
         outcome: Outcome::Clean,
         is_database_down: false,
     };
-    let files = match batch::ready_files(&config.paths.incoming, min_file_age) {
+    let files = match incoming::ready_files(&config.paths.incoming, min_file_age) {
         Ok(files) => files,
         Err(error) => {
             let folder = config.paths.incoming.display();
