@@ -90,13 +90,13 @@ pub enum LogFormat {
 
 /// Sends log events to standard error, as text or JSON. `RUST_LOG` overrides the default
 /// level (INFO for tokensync, WARN for the libraries it uses), but tokio-postgres never
-/// logs below INFO.
+/// logs below WARN.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER))
-        // Below INFO, tokio-postgres logs statement parameters: authentication codes
-        // and card numbers. No RUST_LOG may bring those out.
-        .add_directive("tokio_postgres=info".parse().expect("a valid directive"));
+        // Below INFO, tokio-postgres logs statement parameters (authentication codes and
+        // card numbers), and at INFO every server NOTICE: no RUST_LOG brings them out.
+        .add_directive("tokio_postgres=warn".parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
