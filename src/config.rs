@@ -29,6 +29,19 @@ pub enum ConfigError {
     Load(Box<figment::Error>),
 }
 
+/// A figment error named by its key (without figment's profile prefix) and its source.
+fn load_error(error: figment::Error) -> ConfigError {
+    let key = error.path.join(".");
+    if key.is_empty() {
+        return ConfigError::Load(Box::new(error));
+    }
+    let source = match &error.metadata {
+        Some(metadata) => format!(" (from {})", metadata.name),
+        None => String::new(),
+    };
+    invalid(&key, format!("{}{source}", error.kind))
+}
+
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
@@ -149,7 +162,7 @@ impl Config {
         let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
             .merge(given)
             .extract()
-            .map_err(|e| ConfigError::Load(Box::new(e)))?;
+            .map_err(load_error)?;
         let mut config = Config::try_from(raw)?;
         config.schedule.is_min_file_age_set = is_min_file_age_set;
         Ok(config)
