@@ -15,6 +15,7 @@ use crate::update::{TokenKey, TokenUpdate};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Statement, Transaction};
 use uuid::Uuid;
 
@@ -322,38 +323,9 @@ impl Applier {
         token: &Token,
     ) -> Result<DateTime<Utc>, tokio_postgres::Error> {
         let custom_fields = Value::Object(token.custom_fields.clone());
-        let [s1, s2, s3, s4, s5, s6, s7, s8] = &token.udf_strings;
-        let [f1, f2, f3, f4] = &token.udf_floats;
-        let [d1, d2, d3, d4] = &token.udf_dates;
-        let row = tx
-            .query_one(
-                &self.statements.update,
-                &[
-                    &token.id,
-                    &token.authentication_code,
-                    &token.identifier,
-                    &token.pass_code_hash,
-                    &token.card_masked_number,
-                    s1,
-                    s2,
-                    s3,
-                    s4,
-                    s5,
-                    s6,
-                    s7,
-                    s8,
-                    f1,
-                    f2,
-                    f3,
-                    f4,
-                    d1,
-                    d2,
-                    d3,
-                    d4,
-                    &custom_fields,
-                ],
-            )
-            .await?;
+        let mut values: Vec<&(dyn ToSql + Sync)> = vec![&token.id];
+        values.extend(token.writable_values(&custom_fields));
+        let row = tx.query_one(&self.statements.update, &values).await?;
         Ok(row.get(0))
     }
 }

@@ -37,7 +37,7 @@ use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 const STAGING_SQL: &str = "CREATE TEMPORARY TABLE tokensync_staging (
@@ -547,37 +547,9 @@ async fn copy_and_update(
     let mut writer = std::pin::pin!(writer);
     for (_, token, row_version) in changed {
         let custom_fields = Value::Object(token.custom_fields.clone());
-        let [s1, s2, s3, s4, s5, s6, s7, s8] = &token.udf_strings;
-        let [f1, f2, f3, f4] = &token.udf_floats;
-        let [d1, d2, d3, d4] = &token.udf_dates;
-        writer
-            .as_mut()
-            .write(&[
-                &token.id,
-                row_version,
-                &token.authentication_code,
-                &token.identifier,
-                &token.pass_code_hash,
-                &token.card_masked_number,
-                s1,
-                s2,
-                s3,
-                s4,
-                s5,
-                s6,
-                s7,
-                s8,
-                f1,
-                f2,
-                f3,
-                f4,
-                d1,
-                d2,
-                d3,
-                d4,
-                &custom_fields,
-            ])
-            .await?;
+        let mut values: Vec<&(dyn ToSql + Sync)> = vec![&token.id, row_version];
+        values.extend(token.writable_values(&custom_fields));
+        writer.as_mut().write(&values).await?;
     }
     writer.finish().await?;
     let rows = tx.query(UPDATE_SQL, &[]).await?;

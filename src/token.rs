@@ -10,6 +10,7 @@ use crate::update::{CustomFieldsPatch, Patch, TokenUpdate};
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 /// `access_token_definition`: the settings that decide which fields may be null.
@@ -72,6 +73,22 @@ impl Token {
             is_auto_generated_by_classification: row.get(25),
             is_credit_card: row.get(26),
         }
+    }
+
+    /// The values of the columns a row may change, in table order from
+    /// `authentication_code` to `custom_fields` (`custom_fields` given as a JSON object).
+    pub fn writable_values<'a>(&'a self, custom_fields: &'a Value) -> Vec<&'a (dyn ToSql + Sync)> {
+        let mut values: Vec<&(dyn ToSql + Sync)> = vec![
+            &self.authentication_code,
+            &self.identifier,
+            &self.pass_code_hash,
+            &self.card_masked_number,
+        ];
+        values.extend(self.udf_strings.iter().map(|v| v as &(dyn ToSql + Sync)));
+        values.extend(self.udf_floats.iter().map(|v| v as &(dyn ToSql + Sync)));
+        values.extend(self.udf_dates.iter().map(|v| v as &(dyn ToSql + Sync)));
+        values.push(custom_fields);
+        values
     }
 
     /// The row's result: the listed fields of the token as it is now.
