@@ -163,6 +163,13 @@ impl<'d> Rows<'d> {
         }
     }
 
+    fn is_done(&mut self) -> &mut bool {
+        match self {
+            Rows::Csv(rows) => &mut rows.is_done,
+            Rows::JsonLines(rows) => &mut rows.is_done,
+        }
+    }
+
     /// The span of the CSV header, which a rejects file repeats.
     pub fn header_span(&self) -> Option<Span> {
         match self {
@@ -175,11 +182,18 @@ impl<'d> Rows<'d> {
 impl Iterator for Rows<'_> {
     type Item = Result<Row, RowError>;
 
+    /// The next row; after the end or a file fault, `None` for good.
     fn next(&mut self) -> Option<Self::Item> {
-        match self {
-            Rows::Csv(rows) => rows.next(),
-            Rows::JsonLines(rows) => rows.next(),
+        if *self.is_done() {
+            return None;
         }
+        let next = match self {
+            Rows::Csv(rows) => rows.next_row(),
+            Rows::JsonLines(rows) => rows.next_row(),
+        };
+        let next = next.transpose();
+        *self.is_done() = !matches!(next, Some(Ok(_)));
+        next
     }
 }
 
@@ -368,19 +382,6 @@ impl<'d> CsvRows<'d> {
     }
 }
 
-impl Iterator for CsvRows<'_> {
-    type Item = Result<Row, RowError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.is_done {
-            return None;
-        }
-        let next = self.next_row().transpose();
-        self.is_done = !matches!(next, Some(Ok(_)));
-        next
-    }
-}
-
 /// Finds where the record read from `start` to `end` really begins, past the line ends the
 /// reader skipped, and forgets the window's bytes before `end`. Gives the number of lines
 /// skipped and the record's first byte.
@@ -539,19 +540,6 @@ impl<'d> JsonRows<'d> {
         self.buffer.truncate(trimmed.len());
         is_too_large |= self.buffer.len() as u64 > self.max_row_bytes;
         Ok(Some(is_too_large))
-    }
-}
-
-impl Iterator for JsonRows<'_> {
-    type Item = Result<Row, RowError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.is_done {
-            return None;
-        }
-        let next = self.next_row().transpose();
-        self.is_done = !matches!(next, Some(Ok(_)));
-        next
     }
 }
 

@@ -100,17 +100,7 @@ fn take_param(url: &str, name: &str) -> (String, Option<String>) {
         let Some((base, query)) = url.split_once('?') else {
             return (url.to_owned(), None);
         };
-        let mut value = None;
-        let kept: Vec<&str> = query
-            .split('&')
-            .filter(|pair| match pair.strip_prefix(&prefix) {
-                Some(found) => {
-                    value = Some(found.to_owned());
-                    false
-                }
-                None => true,
-            })
-            .collect();
+        let (kept, value) = without(query.split('&'), &prefix);
         let url = if kept.is_empty() {
             base.to_owned()
         } else {
@@ -118,19 +108,25 @@ fn take_param(url: &str, name: &str) -> (String, Option<String>) {
         };
         (url, value)
     } else {
-        let mut value = None;
-        let kept: Vec<&str> = url
-            .split_whitespace()
-            .filter(|pair| match pair.strip_prefix(&prefix) {
-                Some(found) => {
-                    value = Some(found.to_owned());
-                    false
-                }
-                None => true,
-            })
-            .collect();
+        let (kept, value) = without(url.split_whitespace(), &prefix);
         (kept.join(" "), value)
     }
+}
+
+/// The `key=value` pairs but the one starting with `prefix`, and that one's value.
+fn without<'a>(
+    pairs: impl Iterator<Item = &'a str>,
+    prefix: &str,
+) -> (Vec<&'a str>, Option<String>) {
+    let mut value = None;
+    let mut kept = Vec::new();
+    for pair in pairs {
+        match pair.strip_prefix(prefix) {
+            Some(found) => value = Some(found.to_owned()),
+            None => kept.push(pair),
+        }
+    }
+    (kept, value)
 }
 
 /// Adds `name=value` to a URL or key-value connection string.
