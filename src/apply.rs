@@ -7,9 +7,9 @@
 //! rolled back, so it leaves no trace and the rows after it see the state without it.
 
 use crate::db::DbError;
-use crate::error::{ErrorCode, RowError};
+use crate::error::RowError;
 use crate::secret;
-use crate::token::{self, Definition, RowFacts, TOKEN_COLUMNS, Token};
+use crate::token::{self, Definition, RowFacts, Token};
 use crate::update::{CustomFieldDefinitions, DataType, Patch, Secret};
 use crate::update::{TokenKey, TokenUpdate};
 use chrono::{DateTime, Utc};
@@ -85,9 +85,6 @@ struct Statements {
     update: Statement,
 }
 
-/// A stand-in for the hash of a new pass code in a dry run, which is never committed.
-const DRY_RUN_HASH: &str = "$dry-run$";
-
 /// Applies the rows of one batch, one after another, in its transaction.
 pub struct Applier {
     definition: Definition,
@@ -103,13 +100,7 @@ impl Applier {
     /// When the database refuses to prepare or read.
     pub async fn new(tx: &Transaction<'_>, is_dry_run: bool) -> Result<Applier, DbError> {
         let definition = load_definition(tx).await?;
-        let select = |key: &str| {
-            format!(
-                "SELECT {TOKEN_COLUMNS} FROM access_tokens t \
-                 LEFT JOIN access_token_classifications c ON c.id = t.classification_id \
-                 WHERE t.{key} = $1 FOR UPDATE OF t"
-            )
-        };
+        let select = |key: &str| token::select_sql(&format!("t.{key} = $1 FOR UPDATE OF t"));
         let statements = Statements {
             by_authentication_code: prepare(tx, &select("authentication_code")).await?,
             by_identifier: prepare(tx, &select("identifier")).await?,
@@ -176,13 +167,7 @@ impl Applier {
     ) -> Result<RowOutcome, DbError> {
         let line = update.line;
         let Some(token) = self.find(tx, &update.key).await? else {
-            let message = "no access token matches the identifier";
-            return Ok(RowOutcome::Failed(vec![RowError::field(
-                line,
-                "access_token_identifier",
-                ErrorCode::AccessTokenNotFound,
-                message,
-            )]));
+            return Ok(RowOutcome::Failed(vec![token::not_found_error(line)]));
         };
 
         let facts = self.facts(tx, &token, update).await?;
@@ -206,11 +191,9 @@ impl Applier {
                 Ok(RowOutcome::Applied(result(&next)))
             }
             Err(error) => match unique_violation_field(&error) {
-                Some(field) => {
-                    let message = "another access token already has this value";
-                    let error = RowError::field(line, field, ErrorCode::DuplicateValue, message);
-                    Ok(RowOutcome::Failed(vec![error]))
-                }
+                Some(field) => Ok(RowOutcome::Failed(vec![token::value_taken_error(
+                    line, field,
+                )])),
                 None => Err(DbError::Query {
                     context: "cannot update an access token",
                     source: error,
@@ -311,7 +294,7 @@ impl Applier {
 
     async fn hash(&self, pass_code: &Secret) -> String {
         if self.is_dry_run {
-            return DRY_RUN_HASH.to_owned();
+            return secret::DRY_RUN_HASH.to_owned();
         }
         secret::hash_pass_code(pass_code.clone()).await
     }

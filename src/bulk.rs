@@ -27,10 +27,10 @@
 
 use crate::apply::{Applier, RowOutcome};
 use crate::db::DbError;
-use crate::error::{ErrorCode, RowError};
+use crate::error::RowError;
 use crate::plain::{self, PlainOutcome};
 use crate::secret;
-use crate::token::{self, Definition, RowFacts, TOKEN_COLUMNS, Token};
+use crate::token::{self, Definition, RowFacts, Token};
 use crate::update::{Patch, Secret, TokenKey, TokenUpdate};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -51,31 +51,15 @@ const STAGING_SQL: &str = "CREATE TEMPORARY TABLE tokensync_staging (
 
 const COPY_SQL: &str = "COPY tokensync_staging FROM STDIN (FORMAT binary)";
 
-const COPY_TYPES: [Type; 23] = [
-    Type::UUID,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::DATE,
-    Type::DATE,
-    Type::DATE,
-    Type::DATE,
-    Type::JSONB,
-];
+/// The staging table's column types: id, row version, then the writable columns.
+fn copy_types() -> Vec<Type> {
+    let mut types = vec![Type::UUID];
+    types.extend([Type::TEXT; 13]);
+    types.extend([Type::FLOAT8; 4]);
+    types.extend([Type::DATE; 4]);
+    types.push(Type::JSONB);
+    types
+}
 
 const UPDATE_SQL: &str = "UPDATE access_tokens t SET \
     authentication_code = s.authentication_code, identifier = s.identifier, \
@@ -91,9 +75,6 @@ const UPDATE_SQL: &str = "UPDATE access_tokens t SET \
     custom_fields = s.custom_fields, updated_at = now() \
     FROM tokensync_staging s WHERE t.id = s.id AND t.xmin::text = s.row_version \
     RETURNING t.id";
-
-/// A stand-in for the hash of a new pass code in a dry run, which is never committed.
-pub const DRY_RUN_HASH: &str = "$dry-run$";
 
 /// A token as resolved in step 1, with the version it was read at.
 #[derive(Debug, Clone)]
@@ -325,7 +306,7 @@ impl BulkApplier {
         let taken_codes = taken(tx, "authentication_code", &new_codes).await?;
         let taken_identifiers = taken(tx, "identifier", &new_identifiers).await?;
         let mut hashes = if self.is_dry_run {
-            vec![DRY_RUN_HASH.to_owned(); pass_codes.len()]
+            vec![secret::DRY_RUN_HASH.to_owned(); pass_codes.len()]
         } else {
             secret::hash_many(pass_codes).await
         }
@@ -335,7 +316,7 @@ impl BulkApplier {
         for &i in rows {
             let update = updates[i];
             let Some(found) = found[i].as_ref().filter(|f| f.is_verified) else {
-                states.push(Err(not_found_error(update.line)));
+                states.push(Err(token::not_found_error(update.line)));
                 continue;
             };
             let facts = RowFacts {
@@ -404,18 +385,8 @@ impl BulkApplier {
     }
 }
 
-fn not_found_error(line: u64) -> RowError {
-    let message = "no access token matches the identifier";
-    RowError::field(
-        line,
-        "access_token_identifier",
-        ErrorCode::AccessTokenNotFound,
-        message,
-    )
-}
-
 fn not_found(line: u64) -> RowOutcome {
-    RowOutcome::Failed(vec![not_found_error(line)])
+    RowOutcome::Failed(vec![token::not_found_error(line)])
 }
 
 /// The tokens whose `column` is one of `values`, by that value, with their row versions.
@@ -427,11 +398,7 @@ async fn fetch(
     if values.is_empty() {
         return Ok(HashMap::new());
     }
-    let sql = format!(
-        "SELECT {TOKEN_COLUMNS}, t.xmin::text FROM access_tokens t \
-         LEFT JOIN access_token_classifications c ON c.id = t.classification_id \
-         WHERE t.{column} = ANY($1)"
-    );
+    let sql = token::select_sql(&format!("t.{column} = ANY($1)"));
     let rows = tx
         .query(&sql, &[&values])
         .await
@@ -443,7 +410,7 @@ async fn fetch(
             "identifier" => token.identifier.clone().unwrap_or_default(),
             _ => token.authentication_code.clone(),
         };
-        let row_version: String = row.get(TOKEN_COLUMN_COUNT);
+        let row_version: String = row.get("row_version");
         found.insert(
             key,
             Found {
@@ -456,11 +423,8 @@ async fn fetch(
     Ok(found)
 }
 
-/// The number of columns of [`TOKEN_COLUMNS`]; the row version comes after them.
-const TOKEN_COLUMN_COUNT: usize = 27;
-
 /// Which of `values` a token holds in `column`.
-async fn taken(
+pub(crate) async fn taken(
     tx: &Transaction<'_>,
     column: &str,
     values: &[&str],
@@ -543,7 +507,7 @@ async fn copy_and_update(
 ) -> Result<HashSet<Uuid>, tokio_postgres::Error> {
     tx.batch_execute("TRUNCATE tokensync_staging").await?;
     let sink = tx.copy_in(COPY_SQL).await?;
-    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
+    let writer = BinaryCopyInWriter::new(sink, &copy_types());
     let mut writer = std::pin::pin!(writer);
     for (_, token, row_version) in changed {
         let custom_fields = Value::Object(token.custom_fields.clone());

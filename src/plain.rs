@@ -13,10 +13,10 @@
 //! token that another transaction changed since the statement's snapshot is left to the
 //! row-by-row path, as in [`crate::bulk`].
 
+use crate::bulk;
 use crate::db::DbError;
-use crate::error::{ErrorCode, RowError};
 use crate::secret;
-use crate::token::{TOKEN_COLUMNS, Token};
+use crate::token::{self, Token};
 use crate::update::{CustomFieldsPatch, Patch, Secret, TokenKey, TokenUpdate};
 use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
@@ -175,9 +175,9 @@ pub async fn apply(
             pass_codes.push(pass_code.clone());
         }
     }
-    let taken = taken_codes(tx, &new_codes).await?;
+    let taken = bulk::taken(tx, "authentication_code", &new_codes).await?;
     let hashes = if is_dry_run {
-        vec![crate::bulk::DRY_RUN_HASH.to_owned(); pass_codes.len()]
+        vec![secret::DRY_RUN_HASH.to_owned(); pass_codes.len()]
     } else {
         secret::hash_many(pass_codes).await
     };
@@ -222,37 +222,20 @@ pub async fn apply(
     for (n, &i) in rows.iter().enumerate() {
         let update = updates[i];
         let line = update.line;
+        let failure = |error| PlainOutcome::Done(RowOutcome::Failed(vec![error]));
         let Some(applied) = applied.get(&(n as i32)) else {
-            let message = "no access token matches the identifier";
-            let error = RowError::field(
-                line,
-                "access_token_identifier",
-                ErrorCode::AccessTokenNotFound,
-                message,
-            );
-            outcomes.push(PlainOutcome::Done(RowOutcome::Failed(vec![error])));
+            outcomes.push(failure(token::not_found_error(line)));
             continue;
         };
         if is_code_taken(update, &taken) {
-            let message = "another access token already has this value";
-            let error = RowError::field(
+            outcomes.push(failure(token::value_taken_error(
                 line,
                 "authentication_code",
-                ErrorCode::DuplicateValue,
-                message,
-            );
-            outcomes.push(PlainOutcome::Done(RowOutcome::Failed(vec![error])));
+            )));
             continue;
         }
         if !update.card_masked_number.is_absent() && !applied.is_credit_card {
-            let message = "the token's classification is not a credit card";
-            let error = RowError::field(
-                line,
-                "card_masked_number",
-                ErrorCode::CardNotApplicable,
-                message,
-            );
-            outcomes.push(PlainOutcome::Done(RowOutcome::Failed(vec![error])));
+            outcomes.push(failure(token::card_not_applicable_error(line)));
             continue;
         }
         let result = |token: Option<&Token>| {
@@ -284,29 +267,12 @@ fn is_code_taken(update: &TokenUpdate, taken: &HashSet<String>) -> bool {
     }
 }
 
-/// Which of `codes` a token holds.
-async fn taken_codes(tx: &Transaction<'_>, codes: &[&str]) -> Result<HashSet<String>, DbError> {
-    if codes.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let sql = "SELECT authentication_code FROM access_tokens WHERE authentication_code = ANY($1)";
-    let rows = tx
-        .query(sql, &[&codes])
-        .await
-        .map_err(DbError::query("cannot check that values are unique"))?;
-    Ok(rows.iter().map(|row| row.get(0)).collect())
-}
-
 /// The tokens with these ids, as they are now.
 async fn fetch_by_id(tx: &Transaction<'_>, ids: &[Uuid]) -> Result<HashMap<Uuid, Token>, DbError> {
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let sql = format!(
-        "SELECT {TOKEN_COLUMNS} FROM access_tokens t \
-         LEFT JOIN access_token_classifications c ON c.id = t.classification_id \
-         WHERE t.id = ANY($1)"
-    );
+    let sql = token::select_sql("t.id = ANY($1)");
     let rows = tx
         .query(&sql, &[&ids])
         .await

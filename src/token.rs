@@ -22,7 +22,7 @@ pub struct Definition {
 
 /// The columns [`Token::from_row`] reads, from `access_tokens t` joined with
 /// `access_token_classifications c`.
-pub const TOKEN_COLUMNS: &str = "t.id, t.classification_id, t.authentication_code, t.identifier, \
+const TOKEN_COLUMNS: &str = "t.id, t.classification_id, t.authentication_code, t.identifier, \
     t.pass_code_hash, t.card_masked_number, \
     t.udf_string_1, t.udf_string_2, t.udf_string_3, t.udf_string_4, \
     t.udf_string_5, t.udf_string_6, t.udf_string_7, t.udf_string_8, \
@@ -30,6 +30,45 @@ pub const TOKEN_COLUMNS: &str = "t.id, t.classification_id, t.authentication_cod
     t.udf_date_1, t.udf_date_2, t.udf_date_3, t.udf_date_4, \
     t.custom_fields, t.created_at, t.updated_at, \
     coalesce(c.auto_generate_authentication_code, false), coalesce(c.credit_card, false)";
+
+/// A query of tokens with [`TOKEN_COLUMNS`], then their version as `row_version` (for
+/// writes guarded by `xmin`), where `condition` holds (it may end with a locking clause).
+pub fn select_sql(condition: &str) -> String {
+    format!(
+        "SELECT {TOKEN_COLUMNS}, t.xmin::text AS row_version FROM access_tokens t \
+         LEFT JOIN access_token_classifications c ON c.id = t.classification_id \
+         WHERE {condition}"
+    )
+}
+
+/// `ACCESS_TOKEN_NOT_FOUND`: no token has the key, or the pass code does not match (the
+/// same error, so a report never tells which).
+pub fn not_found_error(line: u64) -> RowError {
+    let message = "no access token matches the identifier";
+    RowError::field(
+        line,
+        "access_token_identifier",
+        ErrorCode::AccessTokenNotFound,
+        message,
+    )
+}
+
+/// `DUPLICATE_VALUE`: another token holds the value the row sets in `field`.
+pub fn value_taken_error(line: u64, field: &str) -> RowError {
+    let message = "another access token already has this value";
+    RowError::field(line, field, ErrorCode::DuplicateValue, message)
+}
+
+/// `CARD_NOT_APPLICABLE`: the row sets a card number on a token that takes none.
+pub fn card_not_applicable_error(line: u64) -> RowError {
+    let message = "the token's classification is not a credit card";
+    RowError::field(
+        line,
+        "card_masked_number",
+        ErrorCode::CardNotApplicable,
+        message,
+    )
+}
 
 /// An access token as stored, with the flags of its classification.
 #[derive(Debug, Clone, PartialEq)]
@@ -171,14 +210,13 @@ pub fn next_state(
     let fail = |field: &str, code: ErrorCode, message: &str| {
         Err(RowError::field(line, field, code, message))
     };
-    let taken = "another access token already has this value";
     let mut next = token.clone();
 
     match &update.authentication_code {
         Patch::Absent => {}
         Patch::Value(code) => {
             if code.expose() != token.authentication_code && facts.is_code_taken {
-                return fail("authentication_code", ErrorCode::DuplicateValue, taken);
+                return Err(value_taken_error(line, "authentication_code"));
             }
             next.authentication_code = code.expose().to_owned();
         }
@@ -200,7 +238,7 @@ pub fn next_state(
         Patch::Absent => {}
         Patch::Value(identifier) => {
             if token.identifier.as_ref() != Some(identifier) && facts.is_identifier_taken {
-                return fail("identifier", ErrorCode::DuplicateValue, taken);
+                return Err(value_taken_error(line, "identifier"));
             }
             next.identifier = Some(identifier.clone());
         }
@@ -241,8 +279,7 @@ pub fn next_state(
 
     if !update.card_masked_number.is_absent() {
         if !token.is_credit_card {
-            let message = "the token's classification is not a credit card";
-            return fail("card_masked_number", ErrorCode::CardNotApplicable, message);
+            return Err(card_not_applicable_error(line));
         }
         let card = update.card_masked_number.as_ref().resolve(None);
         next.card_masked_number = card.map(|card| card.expose().to_owned());

@@ -34,19 +34,26 @@ fn unrelated_root(env: &TestEnv) -> std::path::PathBuf {
     cert
 }
 
-/// `sslmode=require` connects over TLS, so a batch is applied.
-#[tokio::test]
-async fn sslmode_require_applies_a_batch() {
+/// A test environment with token AC1 and a batch that sets its `udf_string_1` to "tls";
+/// `None` (the test is skipped, and says so) when the server offers no TLS.
+async fn env_with_one_batch() -> Option<TestEnv> {
     let env = TestEnv::new().await;
     if !server_has_ssl(&env).await {
         eprintln!("skipped: the test server has ssl = off");
-        return;
+        return None;
     }
     env.insert_token("AC1").await;
-    env.drop_file(
-        "t.csv",
-        "access_token_identifier.authentication_code,udf_string_1\nAC1,tls\n",
-    );
+    let batch = "access_token_identifier.authentication_code,udf_string_1\nAC1,tls\n";
+    env.drop_file("t.csv", batch);
+    Some(env)
+}
+
+/// `sslmode=require` connects over TLS, so a batch is applied.
+#[tokio::test]
+async fn sslmode_require_applies_a_batch() {
+    let Some(env) = env_with_one_batch().await else {
+        return;
+    };
     let url = format!(
         "{}?sslmode=require&application_name=tokensync-tls-test",
         env.url
@@ -65,16 +72,9 @@ async fn sslmode_require_applies_a_batch() {
 /// tokensync cannot connect, says so, exits 2 and leaves the file in incoming.
 #[tokio::test]
 async fn sslmode_verify_full_refuses_an_untrusted_server() {
-    let env = TestEnv::new().await;
-    if !server_has_ssl(&env).await {
-        eprintln!("skipped: the test server has ssl = off");
+    let Some(env) = env_with_one_batch().await else {
         return;
-    }
-    env.insert_token("AC1").await;
-    env.drop_file(
-        "t.csv",
-        "access_token_identifier.authentication_code,udf_string_1\nAC1,tls\n",
-    );
+    };
     let root = unrelated_root(&env);
     let url = format!(
         "{}?sslmode=verify-full&sslrootcert={}",
