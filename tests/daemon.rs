@@ -580,7 +580,12 @@ async fn sigterm_during_the_large_batch(timeout: Duration) -> bool {
     let env = TestEnv::new().await;
     drop_large_batch(&env).await;
     let timeout_text = format!("{}s", timeout.as_secs());
-    let envs = [("TOKENSYNC_SCHEDULE_SHUTDOWN_TIMEOUT", timeout_text.as_str())];
+    // Small chunks make the batch a hundred steps, each a point where it may stop: the
+    // set-based path is fast enough that a 2 s timeout could otherwise outlast the batch.
+    let envs = [
+        ("TOKENSYNC_SCHEDULE_SHUTDOWN_TIMEOUT", timeout_text.as_str()),
+        ("TOKENSYNC_APPLY_CHUNK_ROWS", "500"),
+    ];
     let mut daemon = Tokensync::daemon(&env, &envs).await;
 
     let in_flight = wait_until!(
@@ -848,7 +853,12 @@ async fn database_outage_through_a_proxy() {
     let env = TestEnv::new().await;
     let proxy = Proxy::start(server_of(&env.url)).await;
     let proxied_url = reroute(&env.url, proxy.addr);
-    let mut daemon = Tokensync::daemon(&env, &[("TOKENSYNC_DATABASE_URL", &proxied_url)]).await;
+    // Small chunks keep the batch in flight long enough for the cut to land inside it.
+    let envs = [
+        ("TOKENSYNC_DATABASE_URL", proxied_url.as_str()),
+        ("TOKENSYNC_APPLY_CHUNK_ROWS", "500"),
+    ];
+    let mut daemon = Tokensync::daemon(&env, &envs).await;
     daemon
         .wait_for_series("tokensync_database_up", 1.0, Duration::from_secs(10))
         .await;
