@@ -83,7 +83,7 @@ impl ReportFiles {
     /// # Errors
     /// When the folder cannot be created.
     pub fn create(dir: PathBuf, kind: FileKind) -> io::Result<ReportFiles> {
-        fs::create_dir_all(&dir)?;
+        create_work_dir(&dir)?;
         let rejects_suffix = match kind.format {
             row::Format::Csv => "rejects.csv",
             row::Format::JsonLines => "rejects.jsonl",
@@ -218,6 +218,21 @@ impl ReportFiles {
             let _ = fs::remove_dir(parent);
         }
         Ok(target)
+    }
+}
+
+/// Creates a batch's work folder. The shared folder above it is removed by whichever batch
+/// leaves it empty, possibly by another instance between our creating it and the batch's
+/// own folder inside: then it is simply made again.
+fn create_work_dir(dir: &Path) -> io::Result<()> {
+    let mut attempts = 0;
+    loop {
+        match fs::create_dir_all(dir) {
+            Err(error) if error.kind() == io::ErrorKind::NotFound && attempts < 10 => {
+                attempts += 1;
+            }
+            result => return result,
+        }
     }
 }
 
