@@ -6,6 +6,7 @@ pub mod batch;
 pub mod bulk;
 pub mod claim;
 pub mod config;
+pub mod copy;
 pub mod daemon;
 pub mod db;
 pub mod error;
