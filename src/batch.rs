@@ -10,7 +10,7 @@
 //! `paths.failed`, the reports first.
 
 use crate::apply::{self, Applier, RowOutcome};
-use crate::bulk::BulkApplier;
+use crate::bulk::{BulkApplier, Chunk};
 use crate::claim::{self, AppliedBatch, Claim, Judgement};
 use crate::config::{ApplyMethod, Config, OnRowError};
 use crate::db::DbError;
@@ -20,7 +20,6 @@ use crate::report::{self, Report, ReportFiles, Status};
 use crate::row::{self, Row, Rows, Span};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
-use crate::update::TokenUpdate;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Client;
@@ -63,12 +62,10 @@ struct Tally {
     bytes_read: u64,
 }
 
-/// Rows travel from the reader thread in parcels, to spare a thread switch per row.
-const PARCEL_ROWS: usize = 256;
-
-/// What the reader thread sends: rows in file order, then possibly a file fault (the end).
+/// What the reader thread sends: chunks of rows in file order, then possibly a file fault
+/// (the end).
 enum Parcel {
-    Rows(Vec<Row>),
+    Chunk(Chunk),
     Fault(RowError),
 }
 
@@ -96,7 +93,7 @@ impl Engine {
         })
     }
 
-    /// How many rows to gather before applying them.
+    /// How many rows a chunk holds.
     fn chunk_rows(&self) -> usize {
         match self {
             Engine::RowByRow(_) => 1,
@@ -104,26 +101,32 @@ impl Engine {
         }
     }
 
-    /// The outcome of each row, in order; rows that failed to parse keep their errors.
+    /// Whether the reader thread prepares each chunk for the set-based path.
+    fn is_set_based(&self) -> bool {
+        matches!(self, Engine::SetBased { .. })
+    }
+
+    /// The outcome of each row of the chunk, in order; rows that failed to parse keep their
+    /// errors.
     async fn apply(
         &self,
         tx: &mut Transaction<'_>,
-        rows: &[Row],
+        chunk: &Chunk,
     ) -> Result<Vec<RowOutcome>, DbError> {
-        let updates: Vec<&TokenUpdate> =
-            rows.iter().filter_map(|r| r.update.as_ref().ok()).collect();
         let applied = match self {
             Engine::RowByRow(applier) => {
+                let updates = chunk.updates();
                 let mut outcomes = Vec::with_capacity(updates.len());
                 for update in updates {
                     outcomes.push(applier.apply(tx, update).await?);
                 }
                 outcomes
             }
-            Engine::SetBased { applier, .. } => applier.apply_chunk(tx, &updates).await?,
+            Engine::SetBased { applier, .. } => applier.apply_chunk(tx, chunk).await?,
         };
         let mut applied = applied.into_iter();
-        let outcomes = rows
+        let outcomes = chunk
+            .rows
             .iter()
             .map(|row| match &row.update {
                 Ok(_) => applied.next().expect("one outcome per valid row"),
@@ -555,91 +558,111 @@ async fn apply_rows(
     let definitions = Arc::new(apply::load_custom_fields(&*tx).await?);
     let engine = Engine::new(config, tx, is_dry_run).await?;
 
-    let (sender, mut receiver) = mpsc::channel::<Parcel>(8);
+    // The reader prepares the next chunk while one is applied, and no further: it takes
+    // the channel's one place before it gathers a chunk, so at most two chunks are held.
+    let (sender, mut receiver) = mpsc::channel::<Parcel>(1);
     let path = file.path.clone();
     let kind = file.kind;
     let options = config.read_options();
+    let chunk_rows = engine.chunk_rows();
+    let is_set_based = engine.is_set_based();
     let reader = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Handle::current();
+        let send = |parcel: Parcel| {
+            runtime
+                .block_on(sender.reserve())
+                .map(|place| place.send(parcel))
+                .is_ok()
+        };
         let input = match row::open(&path, kind, options.max_file_bytes) {
             Ok(input) => input,
             Err(error) => {
-                let _ = sender.blocking_send(Parcel::Fault(row::file_fault(&error)));
+                send(Parcel::Fault(row::file_fault(&error)));
                 return None;
             }
         };
         let rows = match Rows::new(input, kind.format, &options, &definitions) {
             Ok(rows) => rows,
             Err(error) => {
-                let _ = sender.blocking_send(Parcel::Fault(error));
+                send(Parcel::Fault(error));
                 return None;
             }
         };
         let header_span = rows.header_span();
-        let mut parcel = Vec::with_capacity(PARCEL_ROWS);
-        for row in rows {
-            let parcel_or_fault = match row {
-                Ok(row) => {
-                    parcel.push(row);
-                    if parcel.len() < PARCEL_ROWS {
-                        continue;
-                    }
-                    Parcel::Rows(std::mem::replace(
-                        &mut parcel,
-                        Vec::with_capacity(PARCEL_ROWS),
-                    ))
-                }
-                Err(fault) => {
-                    let rows = std::mem::take(&mut parcel);
-                    if sender.blocking_send(Parcel::Rows(rows)).is_err() {
-                        break;
-                    }
-                    Parcel::Fault(fault)
-                }
-            };
-            if sender.blocking_send(parcel_or_fault).is_err() {
-                break;
-            }
-        }
-        let _ = sender.blocking_send(Parcel::Rows(parcel));
+        let prepare = |rows: Vec<Row>| match is_set_based {
+            true => Chunk::prepared(rows, is_dry_run),
+            false => Chunk::new(rows),
+        };
+        read_chunks(rows, chunk_rows, &sender, &runtime, prepare);
         header_span
     });
 
     let mut tally = Tally::default();
-    let mut pending: Vec<Row> = Vec::new();
-    loop {
-        let (is_end, fault) = match receiver.recv().await {
-            Some(Parcel::Rows(rows)) => {
-                pending.extend(rows);
-                (false, None)
+    while let Some(parcel) = receiver.recv().await {
+        let chunk = match parcel {
+            Parcel::Chunk(chunk) => chunk,
+            Parcel::Fault(fault) => {
+                sink.error(&fault)
+                    .context("cannot write the errors report")?;
+                tally.count_errors(std::slice::from_ref(&fault));
+                tally.file_fault = Some(fault);
+                break;
             }
-            Some(Parcel::Fault(fault)) => (true, Some(fault)),
-            None => (true, None),
         };
-        while pending.len() >= engine.chunk_rows() || (is_end && !pending.is_empty()) {
-            if shutdown.is_past_deadline() {
-                return Err(Interrupted.into());
-            }
-            let take = pending.len().min(engine.chunk_rows());
-            let chunk: Vec<Row> = pending.drain(..take).collect();
-            let outcomes = engine.apply(tx, &chunk).await?;
-            for (row, outcome) in chunk.into_iter().zip(outcomes) {
-                tally.record(sink, row, outcome)?;
-            }
-            if let Some(bar) = progress {
-                bar.set_position(tally.bytes_read);
-            }
+        if shutdown.is_past_deadline() {
+            return Err(Interrupted.into());
         }
-        if let Some(fault) = fault {
-            sink.error(&fault)
-                .context("cannot write the errors report")?;
-            tally.count_errors(std::slice::from_ref(&fault));
-            tally.file_fault = Some(fault);
+        let outcomes = engine.apply(tx, &chunk).await?;
+        for (row, outcome) in chunk.rows.into_iter().zip(outcomes) {
+            tally.record(sink, row, outcome)?;
         }
-        if is_end {
-            break;
+        if let Some(bar) = progress {
+            bar.set_position(tally.bytes_read);
         }
     }
     drop(receiver);
     let header_span = reader.await.expect("the reader thread does not panic");
     Ok((tally, header_span))
+}
+
+/// Sends the rows in chunks of `chunk_rows`, each made by `prepare`, then the file fault
+/// that ended them, if any. It waits for the channel's place to be free before it gathers
+/// a chunk, so it reads one chunk ahead of the one being applied. Stops early when the
+/// receiver is gone.
+fn read_chunks(
+    rows: Rows,
+    chunk_rows: usize,
+    sender: &mpsc::Sender<Parcel>,
+    runtime: &tokio::runtime::Handle,
+    prepare: impl Fn(Vec<Row>) -> Chunk,
+) {
+    let mut rows = rows.peekable();
+    while rows.peek().is_some() {
+        let Ok(place) = runtime.block_on(sender.reserve()) else {
+            return;
+        };
+        let mut gathered = Vec::with_capacity(chunk_rows);
+        let mut fault = None;
+        while gathered.len() < chunk_rows {
+            match rows.next() {
+                Some(Ok(row)) => gathered.push(row),
+                Some(Err(error)) => {
+                    fault = Some(error);
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !gathered.is_empty() {
+            place.send(Parcel::Chunk(prepare(gathered)));
+        } else if let Some(fault) = fault.take() {
+            place.send(Parcel::Fault(fault));
+        }
+        if let Some(fault) = fault {
+            if let Ok(place) = runtime.block_on(sender.reserve()) {
+                place.send(Parcel::Fault(fault));
+            }
+            return;
+        }
+    }
 }

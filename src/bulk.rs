@@ -29,11 +29,13 @@ use crate::apply::{Applier, RowOutcome};
 use crate::db::DbError;
 use crate::error::RowError;
 use crate::plain::{self, PlainOutcome};
+use crate::row::Row;
 use crate::secret;
 use crate::token::{self, Definition, RowFacts, Token};
 use crate::update::{Patch, Secret, TokenKey, TokenUpdate};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -76,15 +78,69 @@ const UPDATE_SQL: &str = "UPDATE access_tokens t SET \
     FROM tokensync_staging s WHERE t.id = s.id AND t.xmin::text = s.row_version \
     RETURNING t.id";
 
-/// A token as resolved in step 1, with the version it was read at.
+/// A token as resolved in step 1, with the version it was read at. The token is boxed:
+/// a chunk keeps an `Option<Found>` for every row, and most rows find theirs elsewhere.
 #[derive(Debug, Clone)]
 struct Found {
-    token: Token,
+    token: Box<Token>,
     row_version: String,
     /// False for a token found by an identifier whose pass code does not match: it still
     /// counts for the split (a row before may change the pass code), but the rules see no
     /// token, since a wrong pass code is an unknown identifier.
     is_verified: bool,
+}
+
+/// A chunk of rows in file order, with what can be worked out of it before the database
+/// sees it: which rows are plain, and the plain rows' lines of the patch table, encoded, with
+/// their new pass codes hashed. The reader thread prepares a chunk while the one before it
+/// is applied, so this work overlaps the database's.
+pub struct Chunk {
+    /// The rows; those that failed to parse keep their errors.
+    pub rows: Vec<Row>,
+    /// The plain rows, as positions among the rows that parsed.
+    plain_rows: Vec<usize>,
+    /// The plain rows' lines of the patch table, in the same order.
+    staged: plain::Staged,
+}
+
+impl Chunk {
+    /// A chunk with nothing worked out: every row goes the general way.
+    pub fn new(rows: Vec<Row>) -> Chunk {
+        Chunk {
+            rows,
+            plain_rows: Vec::new(),
+            staged: plain::Staged::default(),
+        }
+    }
+
+    /// A chunk with its plain rows marked and staged. Hashes their new pass codes on every
+    /// core (not in a dry run), and blocks until that is done: call it off the async
+    /// workers, inside the runtime.
+    pub fn prepared(rows: Vec<Row>, is_dry_run: bool) -> Chunk {
+        let mut chunk = Chunk::new(rows);
+        let updates = chunk.updates();
+        let plain_rows: Vec<usize> = (0..updates.len())
+            .filter(|&i| plain::is_plain(updates[i]))
+            .collect();
+        let pass_codes = plain::new_pass_codes(&updates, &plain_rows);
+        let hashes = if is_dry_run {
+            vec![secret::DRY_RUN_HASH.to_owned(); pass_codes.len()]
+        } else {
+            tokio::runtime::Handle::current().block_on(secret::hash_many(pass_codes))
+        };
+        let staged = plain::stage(&updates, &plain_rows, hashes);
+        chunk.plain_rows = plain_rows;
+        chunk.staged = staged;
+        chunk
+    }
+
+    /// The rows that parsed, in order.
+    pub fn updates(&self) -> Vec<&TokenUpdate> {
+        self.rows
+            .iter()
+            .filter_map(|row| row.update.as_ref().ok())
+            .collect()
+    }
 }
 
 /// Applies the rows of one batch in chunks, in its transaction.
@@ -127,20 +183,22 @@ impl BulkApplier {
         })
     }
 
-    /// Applies a chunk of rows given in file order; gives their outcomes in the same order.
+    /// Applies a chunk; gives the outcome of each row that parsed, in file order.
     ///
     /// # Errors
     /// Only when the database fails.
     pub async fn apply_chunk(
         &self,
         tx: &mut Transaction<'_>,
-        updates: &[&TokenUpdate],
+        chunk: &Chunk,
     ) -> Result<Vec<RowOutcome>, DbError> {
         let clock = std::time::Instant::now();
-        let is_plain: Vec<bool> = updates
-            .iter()
-            .map(|update| plain::is_plain(update))
-            .collect();
+        let updates = chunk.updates();
+        let updates = updates.as_slice();
+        let mut is_plain = vec![false; updates.len()];
+        for &i in &chunk.plain_rows {
+            is_plain[i] = true;
+        }
         let found = self.resolve(tx, updates, &is_plain).await?;
         let resolved_ms = clock.elapsed().as_millis() as u64;
         let is_dependent = dependent_rows(updates, &found);
@@ -152,10 +210,20 @@ impl BulkApplier {
             }
         }
 
-        let plain_rows: Vec<usize> = (0..updates.len())
-            .filter(|i| !is_dependent[*i] && is_plain[*i])
-            .collect();
-        let plain_outcomes = plain::apply(tx, updates, &plain_rows, self.is_dry_run).await?;
+        // The staged lines of the plain rows that do not depend on another row.
+        let (picked, plain_rows): (Vec<usize>, Vec<usize>) = chunk
+            .plain_rows
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| !is_dependent[**i])
+            .map(|(k, i)| (k, *i))
+            .unzip();
+        let staged = if picked.len() == chunk.staged.len() {
+            Cow::Borrowed(&chunk.staged)
+        } else {
+            Cow::Owned(chunk.staged.pick(&picked))
+        };
+        let plain_outcomes = plain::apply(tx, updates, &plain_rows, &staged).await?;
         for (i, outcome) in plain_rows.into_iter().zip(plain_outcomes) {
             outcomes[i] = Some(match outcome {
                 PlainOutcome::Done(outcome) => outcome,
@@ -177,14 +245,13 @@ impl BulkApplier {
             };
             match state {
                 Err(error) => outcomes[i] = Some(RowOutcome::Failed(vec![error])),
-                Ok(next) if next == found.token => {
+                Ok(next) if next == *found.token => {
                     let result = update.fields_set.as_ref().map(|f| found.token.result(f));
                     outcomes[i] = Some(RowOutcome::Unchanged(result));
                 }
                 Ok(next) => changed.push((i, next, found.row_version.clone())),
             }
         }
-
         let checked_ms = clock.elapsed().as_millis() as u64;
         let written = self.write(tx, &changed).await?;
         let written_ms = clock.elapsed().as_millis() as u64;
@@ -414,7 +481,7 @@ async fn fetch(
         found.insert(
             key,
             Found {
-                token,
+                token: Box::new(token),
                 row_version,
                 is_verified: true,
             },
@@ -443,19 +510,19 @@ pub(crate) async fn taken(
 /// Which rows depend on another row of the chunk (step 2).
 fn dependent_rows(updates: &[&TokenUpdate], found: &[Option<Found>]) -> Vec<bool> {
     // Every row counts each value it touches once; a value counted twice is shared.
-    let mut codes: HashMap<&str, u32> = HashMap::new();
+    let mut codes: HashMap<&str, u32> = HashMap::with_capacity(updates.len());
     let mut identifiers: HashMap<&str, u32> = HashMap::new();
     let mut tokens: HashMap<Uuid, u32> = HashMap::new();
-    let touched: Vec<(HashSet<&str>, HashSet<&str>)> = updates
+    let touched: Vec<Touched> = updates
         .iter()
         .zip(found)
-        .map(|(u, f)| touched_values(u, f.as_ref()))
+        .map(|(u, f)| Touched::new(u, f.as_ref()))
         .collect();
-    for ((row_codes, row_identifiers), found) in touched.iter().zip(found) {
-        for code in row_codes {
+    for (row, found) in touched.iter().zip(found) {
+        for code in row.codes() {
             *codes.entry(code).or_default() += 1;
         }
-        for identifier in row_identifiers {
+        for identifier in row.identifiers() {
             *identifiers.entry(identifier).or_default() += 1;
         }
         if let Some(found) = found {
@@ -464,9 +531,9 @@ fn dependent_rows(updates: &[&TokenUpdate], found: &[Option<Found>]) -> Vec<bool
     }
 
     let mut dependent = Vec::with_capacity(updates.len());
-    for ((update, found), (row_codes, row_identifiers)) in updates.iter().zip(found).zip(&touched) {
-        let is_shared = row_codes.iter().any(|c| codes[c] > 1)
-            || row_identifiers.iter().any(|i| identifiers[i] > 1)
+    for ((update, found), row) in updates.iter().zip(found).zip(&touched) {
+        let is_shared = row.codes().any(|c| codes[c] > 1)
+            || row.identifiers().any(|i| identifiers[i] > 1)
             || found.as_ref().is_some_and(|f| tokens[&f.token.id] > 1);
         let generates_code = matches!(update.authentication_code, Patch::Null);
         dependent.push(is_shared || generates_code);
@@ -474,30 +541,63 @@ fn dependent_rows(updates: &[&TokenUpdate], found: &[Option<Found>]) -> Vec<bool
     dependent
 }
 
-/// The authentication codes and identifiers a row names, sets, or finds on its token.
-fn touched_values<'a>(
-    update: &'a TokenUpdate,
-    found: Option<&'a Found>,
-) -> (HashSet<&'a str>, HashSet<&'a str>) {
-    let mut codes = HashSet::new();
-    let mut identifiers = HashSet::new();
-    match &update.key {
-        TokenKey::AuthenticationCode(code) => codes.insert(code.expose()),
-        TokenKey::Identifier { identifier, .. } => identifiers.insert(identifier.as_str()),
-    };
-    if let Patch::Value(code) = &update.authentication_code {
-        codes.insert(code.expose());
+/// The authentication codes and identifiers a row names, sets, or finds on its token, each
+/// once. A row touches at most three of each, so they are kept inline: this runs for every
+/// row of a chunk.
+struct Touched<'a> {
+    codes: [Option<&'a str>; 3],
+    identifiers: [Option<&'a str>; 3],
+}
+
+impl<'a> Touched<'a> {
+    fn new(update: &'a TokenUpdate, found: Option<&'a Found>) -> Touched<'a> {
+        let mut touched = Touched {
+            codes: [None; 3],
+            identifiers: [None; 3],
+        };
+        match &update.key {
+            TokenKey::AuthenticationCode(code) => add_once(&mut touched.codes, code.expose()),
+            TokenKey::Identifier { identifier, .. } => {
+                add_once(&mut touched.identifiers, identifier);
+            }
+        }
+        if let Patch::Value(code) = &update.authentication_code {
+            add_once(&mut touched.codes, code.expose());
+        }
+        if let Patch::Value(identifier) = &update.identifier {
+            add_once(&mut touched.identifiers, identifier);
+        }
+        if let Some(found) = found {
+            add_once(&mut touched.codes, &found.token.authentication_code);
+            if let Some(identifier) = &found.token.identifier {
+                add_once(&mut touched.identifiers, identifier);
+            }
+        }
+        touched
     }
-    if let Patch::Value(identifier) = &update.identifier {
-        identifiers.insert(identifier.as_str());
+
+    fn codes(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.codes.iter().flatten().copied()
     }
-    if let Some(found) = found {
-        codes.insert(found.token.authentication_code.as_str());
-        if let Some(identifier) = &found.token.identifier {
-            identifiers.insert(identifier.as_str());
+
+    fn identifiers(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.identifiers.iter().flatten().copied()
+    }
+}
+
+/// Puts `value` in the first free place of `values` unless it is there already.
+fn add_once<'a>(values: &mut [Option<&'a str>; 3], value: &'a str) {
+    for place in values.iter_mut() {
+        match place {
+            Some(held) if *held == value => return,
+            Some(_) => {}
+            None => {
+                *place = Some(value);
+                return;
+            }
         }
     }
-    (codes, identifiers)
+    unreachable!("a row touches at most three values of a kind");
 }
 
 /// Copies the changed tokens into the staging table and updates them from it.

@@ -1,27 +1,32 @@
-//! The fast lane of the set-based path: *plain* rows, applied by one statement per chunk
-//! that finds, checks, compares and updates their tokens inside PostgreSQL, with no round
-//! trip to read the tokens first.
+//! The fast lane of the set-based path: *plain* rows, applied by one `UPDATE … FROM` per
+//! chunk that finds, checks, compares and writes their tokens inside PostgreSQL, with no
+//! round trip to read the tokens first.
 //!
 //! A plain row names its token by authentication code, leaves `identifier` alone, and gives
 //! `authentication_code` and `pass_code` a value or nothing. For such a row the rules of
 //! [`crate::token::next_state`] that need the token reduce to three, in this order: the
-//! token exists; its new authentication code is not held by another token (found first,
-//! with one query); its classification takes a card number when the row sets one. Every
-//! other field is a plain assignment, which the statement makes with a `CASE` on a bit of
-//! the row's mask, keeping the current value where the row did not specify the column.
-//! A row whose values all equal the current ones is not written (it is unchanged), and a
-//! token that another transaction changed since the statement's snapshot is left to the
-//! row-by-row path, as in [`crate::bulk`].
+//! token exists; its new authentication code is not held by another token; its
+//! classification takes a card number when the row sets one. Every other field is a plain
+//! assignment. A row whose values all equal the current ones is not written (it is
+//! unchanged).
+//!
+//! [`stage`] encodes the rows' lines of a temporary patch table before the chunk is applied
+//! (see [`crate::copy`]): a mask of the columns each row specifies, and their values. The
+//! statements are written for the chunk's [`Shape`]: a column no row specifies is left out,
+//! one that every row specifies is assigned as is, and only the others are assigned with a
+//! `CASE` on the row's mask that keeps the current value. The update reports the rows it
+//! wrote; a second query, for the rows it left alone (few, usually none), tells why. Since
+//! the update finds and writes each token in one step, a token that another transaction
+//! changes meanwhile is re-read by PostgreSQL before it is written, as a row-by-row update
+//! would see it.
 
-use crate::bulk;
+use crate::copy::CopyRows;
 use crate::db::DbError;
-use crate::secret;
 use crate::token::{self, Token};
 use crate::update::{CustomFieldsPatch, Patch, Secret, TokenKey, TokenUpdate};
 use serde_json::{Map, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use tokio_postgres::Transaction;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
@@ -34,107 +39,284 @@ pub fn is_plain(update: &TokenUpdate) -> bool {
 }
 
 pub const PATCH_TABLE_SQL: &str = "CREATE TEMPORARY TABLE tokensync_patch (
-    idx int4, key_code text, mask int4, is_code_taken bool,
+    idx int4, key_code text, mask int4,
     authentication_code text, pass_code_hash text, card_masked_number text,
     udf_string_1 text, udf_string_2 text, udf_string_3 text, udf_string_4 text,
     udf_string_5 text, udf_string_6 text, udf_string_7 text, udf_string_8 text,
     udf_float_1 float8, udf_float_2 float8, udf_float_3 float8, udf_float_4 float8,
     udf_date_1 date, udf_date_2 date, udf_date_3 date, udf_date_4 date,
-    custom_fields_clear bool, custom_fields_remove text[], custom_fields_set jsonb
+    custom_fields_remove text[], custom_fields_set jsonb
     ) ON COMMIT DROP";
-
-const COPY_SQL: &str = "COPY tokensync_patch FROM STDIN (FORMAT binary)";
 
 /// The bit of each assignable column in a row's mask, in table order after the key.
 const CODE_BIT: i32 = 1;
 const PASS_CODE_BIT: i32 = 1 << 1;
 const CARD_BIT: i32 = 1 << 2;
 const FIRST_UDF_BIT: u32 = 3;
+/// The bits of a row's custom fields: it removes every one, removes some, sets some.
+const CUSTOM_FIELDS_CLEAR_BIT: i32 = 1 << 19;
+const CUSTOM_FIELDS_REMOVE_BIT: i32 = 1 << 20;
+const CUSTOM_FIELDS_SET_BIT: i32 = 1 << 21;
+const CUSTOM_FIELDS_BITS: i32 =
+    CUSTOM_FIELDS_CLEAR_BIT | CUSTOM_FIELDS_REMOVE_BIT | CUSTOM_FIELDS_SET_BIT;
 
-/// The assignable columns, with the bit that says the row specified them.
-fn columns() -> Vec<(String, i32)> {
-    let mut columns = vec![
-        ("authentication_code".to_owned(), CODE_BIT),
-        ("pass_code_hash".to_owned(), PASS_CODE_BIT),
-        ("card_masked_number".to_owned(), CARD_BIT),
-    ];
-    let udfs = (1..=8)
-        .map(|i| format!("udf_string_{i}"))
-        .chain((1..=4).map(|i| format!("udf_float_{i}")))
-        .chain((1..=4).map(|i| format!("udf_date_{i}")));
-    for (n, name) in udfs.enumerate() {
-        columns.push((name, 1 << (FIRST_UDF_BIT + n as u32)));
+/// The columns of the patch table after `idx`, `key_code` and `mask`, with their types and
+/// the bit that says a row specified them. The names of the assignable ones are those of
+/// `access_tokens`.
+fn columns() -> &'static [(String, Type, i32)] {
+    static COLUMNS: std::sync::OnceLock<Vec<(String, Type, i32)>> = std::sync::OnceLock::new();
+    COLUMNS.get_or_init(|| {
+        let mut columns = vec![
+            ("authentication_code".to_owned(), Type::TEXT, CODE_BIT),
+            ("pass_code_hash".to_owned(), Type::TEXT, PASS_CODE_BIT),
+            ("card_masked_number".to_owned(), Type::TEXT, CARD_BIT),
+        ];
+        let udfs = (1..=8)
+            .map(|i| (format!("udf_string_{i}"), Type::TEXT))
+            .chain((1..=4).map(|i| (format!("udf_float_{i}"), Type::FLOAT8)))
+            .chain((1..=4).map(|i| (format!("udf_date_{i}"), Type::DATE)));
+        for (n, (name, ty)) in udfs.enumerate() {
+            columns.push((name, ty, 1 << (FIRST_UDF_BIT + n as u32)));
+        }
+        columns.push((
+            "custom_fields_remove".to_owned(),
+            Type::TEXT_ARRAY,
+            CUSTOM_FIELDS_REMOVE_BIT,
+        ));
+        columns.push((
+            "custom_fields_set".to_owned(),
+            Type::JSONB,
+            CUSTOM_FIELDS_SET_BIT,
+        ));
+        columns
+    })
+}
+
+/// The assignable columns of `access_tokens` among [`columns`].
+fn assignable() -> impl Iterator<Item = &'static (String, Type, i32)> {
+    columns()
+        .iter()
+        .filter(|(_, _, bit)| bit & CUSTOM_FIELDS_BITS == 0)
+}
+
+/// Which columns the rows of a staged set specify: `any` has the bits that some row sets,
+/// `all` those that every row sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    any: i32,
+    all: i32,
+}
+
+impl Shape {
+    /// The shape of a set of rows with these masks.
+    fn of(masks: &[i32]) -> Shape {
+        let mut shape = Shape { any: 0, all: !0 };
+        for &mask in masks {
+            shape.any |= mask;
+            shape.all &= mask;
+        }
+        if masks.is_empty() {
+            shape.all = 0;
+        }
+        shape
     }
-    columns
-}
 
-/// The statement that applies the staged rows: one line per row whose token exists, saying
-/// whether the token takes card numbers, whether the row changes it, and whether it was
-/// written. Built once.
-fn apply_sql() -> &'static str {
-    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SQL.get_or_init(build_apply_sql)
-}
+    /// Whether some row specifies the column of `bit`.
+    fn has(self, bit: i32) -> bool {
+        self.any & bit != 0
+    }
 
-fn build_apply_sql() -> String {
-    let columns = columns();
-    let new_values: Vec<String> = columns
-        .iter()
-        .map(|(name, bit)| {
-            format!("CASE WHEN p.mask & {bit} <> 0 THEN p.{name} ELSE t.{name} END AS {name}")
-        })
-        .collect();
-    let names: Vec<&str> = columns.iter().map(|(name, _)| name.as_str()).collect();
-    let old_row: Vec<String> = names.iter().map(|name| format!("n.old_{name}")).collect();
-    let new_row: Vec<String> = names.iter().map(|name| format!("n.{name}")).collect();
-    let old_values: Vec<String> = names
-        .iter()
-        .map(|name| format!("t.{name} AS old_{name}"))
-        .collect();
-    let assignments: Vec<String> = names
-        .iter()
-        .map(|name| format!("{name} = v.{name}"))
-        .collect();
-    format!(
-        "WITH n AS (
-            SELECT p.idx, p.mask, p.is_code_taken, t.id, t.xmin::text AS row_version,
-                coalesce(c.credit_card, false) AS is_credit_card,
-                {new_values},
-                (CASE WHEN p.custom_fields_clear THEN '{{}}'::jsonb ELSE t.custom_fields END
-                    - p.custom_fields_remove) || p.custom_fields_set AS custom_fields,
-                {old_values}, t.custom_fields AS old_custom_fields
+    /// How the row `p` tells that it specified the column of `bit`; `None` when every row
+    /// did.
+    fn test(self, bit: i32) -> Option<String> {
+        (self.all & bit == 0).then(|| format!("p.mask & {bit} <> 0"))
+    }
+
+    /// The columns of the patch table that rows of this shape fill, in table order.
+    fn copy_columns(self) -> impl Iterator<Item = &'static (String, Type, i32)> {
+        columns().iter().filter(move |(_, _, bit)| self.has(*bit))
+    }
+
+    /// The `COPY` that fills the patch table's columns of this shape.
+    fn copy_sql(self) -> String {
+        let mut names = vec!["idx", "key_code", "mask"];
+        names.extend(self.copy_columns().map(|(name, _, _)| name.as_str()));
+        format!(
+            "COPY tokensync_patch ({}) FROM STDIN (FORMAT binary)",
+            names.join(", ")
+        )
+    }
+
+    /// The new custom fields of the token `t` under the row `p`; `None` when no row changes
+    /// custom fields.
+    fn new_custom_fields(self) -> Option<String> {
+        if !self.has(CUSTOM_FIELDS_BITS) {
+            return None;
+        }
+        let mut fields = match self.has(CUSTOM_FIELDS_CLEAR_BIT) {
+            true => format!(
+                "CASE WHEN p.mask & {CUSTOM_FIELDS_CLEAR_BIT} <> 0 THEN '{{}}'::jsonb \
+                 ELSE t.custom_fields END"
+            ),
+            false => "t.custom_fields".to_owned(),
+        };
+        if self.has(CUSTOM_FIELDS_REMOVE_BIT) {
+            fields = format!("({fields} - p.custom_fields_remove)");
+        }
+        if self.has(CUSTOM_FIELDS_SET_BIT) {
+            fields = format!("({fields} || p.custom_fields_set)");
+        }
+        Some(fields)
+    }
+
+    /// Whether the row `p` changes a value of the token `t`: a column it specifies holds
+    /// another value, or its custom fields differ.
+    fn is_changed(self) -> String {
+        let mut tests = Vec::new();
+        for (name, _, bit) in assignable().filter(|(_, _, bit)| self.has(*bit)) {
+            let differs = format!("p.{name} IS DISTINCT FROM t.{name}");
+            tests.push(match self.test(*bit) {
+                Some(test) => format!("({test} AND {differs})"),
+                None => differs,
+            });
+        }
+        if let Some(fields) = self.new_custom_fields() {
+            tests.push(format!("{fields} IS DISTINCT FROM t.custom_fields"));
+        }
+        if tests.is_empty() {
+            return "false".to_owned();
+        }
+        format!("({})", tests.join("\n            OR "))
+    }
+
+    /// Whether the row `p` gives its token an authentication code that another token holds.
+    fn is_code_taken(self) -> String {
+        if !self.has(CODE_BIT) {
+            return "false".to_owned();
+        }
+        let test = self
+            .test(CODE_BIT)
+            .map_or(String::new(), |test| format!("{test} AND "));
+        format!(
+            "({test}p.authentication_code <> p.key_code AND EXISTS (
+                SELECT FROM access_tokens o WHERE o.authentication_code = p.authentication_code))"
+        )
+    }
+
+    /// The statement that applies the staged rows: it finds each row's token by its key,
+    /// keeps the current value of every column the row did not specify, and writes only the
+    /// rows that pass the checks and change a value. It returns the `idx` of each row it
+    /// wrote and the id of its token.
+    fn update_sql(self) -> String {
+        let mut assignments = Vec::new();
+        for (name, _, bit) in assignable().filter(|(_, _, bit)| self.has(*bit)) {
+            assignments.push(match self.test(*bit) {
+                Some(test) => format!("{name} = CASE WHEN {test} THEN p.{name} ELSE t.{name} END"),
+                None => format!("{name} = p.{name}"),
+            });
+        }
+        if let Some(fields) = self.new_custom_fields() {
+            assignments.push(format!("custom_fields = {fields}"));
+        }
+        assignments.push("updated_at = now()".to_owned());
+        let takes_card = "EXISTS (SELECT FROM access_token_classifications c \
+            WHERE c.id = t.classification_id AND c.credit_card)";
+        let card_check = match (self.has(CARD_BIT), self.test(CARD_BIT)) {
+            (false, _) => "true".to_owned(),
+            (true, Some(test)) => format!("(NOT ({test}) OR {takes_card})"),
+            (true, None) => takes_card.to_owned(),
+        };
+        format!(
+            "UPDATE access_tokens t SET
+            {assignments}
+        FROM tokensync_patch p
+        WHERE t.authentication_code = p.key_code
+            AND NOT {is_code_taken}
+            AND {card_check}
+            AND {is_changed}
+        RETURNING p.idx, t.id",
+            assignments = assignments.join(",\n            "),
+            is_code_taken = self.is_code_taken(),
+            is_changed = self.is_changed(),
+        )
+    }
+
+    /// The query that tells, for the staged rows whose `idx` is in `$1` and that the update
+    /// left alone, why: it lists those whose token exists, with the token's id, whether the
+    /// row's new code is taken, whether the token takes card numbers, and whether the row
+    /// would change it.
+    fn verdict_sql(self) -> String {
+        format!(
+            "SELECT p.idx, t.id, {is_code_taken}, coalesce(c.credit_card, false), {is_changed}
             FROM tokensync_patch p
             JOIN access_tokens t ON t.authentication_code = p.key_code
             LEFT JOIN access_token_classifications c ON c.id = t.classification_id
-        ), v AS (
-            SELECT n.*,
-                NOT n.is_code_taken AND (n.mask & {CARD_BIT} = 0 OR n.is_credit_card) AS is_valid,
-                ROW({new_row}, n.custom_fields) IS DISTINCT FROM
-                    ROW({old_row}, n.old_custom_fields) AS is_changed
-            FROM n
-        ), u AS (
-            UPDATE access_tokens t SET {assignments}, custom_fields = v.custom_fields,
-                updated_at = now()
-            FROM v
-            WHERE t.id = v.id AND v.is_valid AND v.is_changed AND t.xmin::text = v.row_version
-            RETURNING t.id
+            WHERE p.idx = ANY($1)",
+            is_code_taken = self.is_code_taken(),
+            is_changed = self.is_changed(),
         )
-        SELECT v.idx, v.id, v.is_credit_card, v.is_changed FROM v
-        UNION ALL SELECT NULL, u.id, NULL, NULL FROM u",
-        new_values = new_values.join(",\n                "),
-        old_values = old_values.join(", "),
-        new_row = new_row.join(", "),
-        old_row = old_row.join(", "),
-        assignments = assignments.join(", "),
-    )
+    }
 }
 
-/// What the statement said of one staged row.
-struct Applied {
-    id: Uuid,
-    is_credit_card: bool,
-    is_changed: bool,
-    is_written: bool,
+/// The encoded lines of the patch table for a set of plain rows, one per row, and the shape
+/// they share.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    lines: CopyRows,
+    shape: Shape,
+}
+
+impl Default for Staged {
+    fn default() -> Staged {
+        Staged {
+            lines: CopyRows::default(),
+            shape: Shape::of(&[]),
+        }
+    }
+}
+
+impl Staged {
+    /// How many rows it holds.
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    /// Whether it holds no row.
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// The lines at the positions `picked` (ascending). They keep the shape of the whole
+    /// set, which fits them too.
+    pub fn pick(&self, picked: &[usize]) -> Staged {
+        Staged {
+            lines: self.lines.pick(picked),
+            shape: self.shape,
+        }
+    }
+}
+
+/// What the statements said of one staged row whose token exists.
+enum Verdict {
+    /// The row changed its token, which has this id.
+    Written(Uuid),
+    /// The row did not write its token.
+    Left {
+        id: Uuid,
+        is_code_taken: bool,
+        is_credit_card: bool,
+        /// The row would change the token as it is now: another transaction changed the
+        /// token since the update's snapshot.
+        is_changed: bool,
+    },
+}
+
+impl Verdict {
+    fn id(&self) -> Uuid {
+        match self {
+            Verdict::Written(id) | Verdict::Left { id, .. } => *id,
+        }
+    }
 }
 
 /// The fate of a plain row.
@@ -145,8 +327,77 @@ pub enum PlainOutcome {
     Retry,
 }
 
-/// Applies the plain rows `rows` (indexes into `updates`); gives their outcomes in the same
-/// order. `is_dry_run` skips the hashing of new pass codes.
+/// The new pass codes of the plain rows `rows` (indexes into `updates`), in order: [`stage`]
+/// takes their hashes.
+pub fn new_pass_codes(updates: &[&TokenUpdate], rows: &[usize]) -> Vec<Secret> {
+    let mut pass_codes = Vec::new();
+    for &i in rows {
+        if let Patch::Value(pass_code) = &updates[i].pass_code {
+            pass_codes.push(pass_code.clone());
+        }
+    }
+    pass_codes
+}
+
+/// Encodes the lines of the patch table for the plain rows `rows` (indexes into `updates`,
+/// ascending), one per row, with `idx` the row's index; `hashes` are the hashes of
+/// [`new_pass_codes`], in order. Needs no database, so it runs before the chunk is applied.
+pub fn stage(updates: &[&TokenUpdate], rows: &[usize], hashes: Vec<String>) -> Staged {
+    let masks: Vec<i32> = rows.iter().map(|&i| mask_of(updates[i])).collect();
+    let shape = Shape::of(&masks);
+    let mut types = vec![Type::INT4, Type::TEXT, Type::INT4];
+    types.extend(shape.copy_columns().map(|(_, ty, _)| ty.clone()));
+
+    // Each line is encoded as soon as it is made: a chunk's lines all at once would take
+    // as much memory as its rows.
+    let mut hashes = hashes.into_iter();
+    let mut lines = CopyRows::default();
+    for (&i, mask) in rows.iter().zip(masks) {
+        let idx = i32::try_from(i).expect("a chunk has fewer than 2^31 rows");
+        let line = PatchLine::new(idx, updates[i], mask, &mut hashes);
+        lines.push(&types, &line.values(shape));
+    }
+    Staged { lines, shape }
+}
+
+/// The bits of the columns a plain row specifies.
+fn mask_of(update: &TokenUpdate) -> i32 {
+    let udfs_absent = update
+        .udf_strings
+        .iter()
+        .map(Patch::is_absent)
+        .chain(update.udf_floats.iter().map(Patch::is_absent))
+        .chain(update.udf_dates.iter().map(Patch::is_absent));
+    let mut mask = 0;
+    for (is_absent, bit) in [
+        (update.authentication_code.is_absent(), CODE_BIT),
+        (update.pass_code.is_absent(), PASS_CODE_BIT),
+        (update.card_masked_number.is_absent(), CARD_BIT),
+    ]
+    .into_iter()
+    .chain(udfs_absent.zip((FIRST_UDF_BIT..).map(|n| 1 << n)))
+    {
+        if !is_absent {
+            mask |= bit;
+        }
+    }
+    match &update.custom_fields {
+        CustomFieldsPatch::Absent => {}
+        CustomFieldsPatch::Clear => mask |= CUSTOM_FIELDS_CLEAR_BIT,
+        CustomFieldsPatch::Change(changes) => {
+            for (_, value) in changes {
+                mask |= match value {
+                    Some(_) => CUSTOM_FIELDS_SET_BIT,
+                    None => CUSTOM_FIELDS_REMOVE_BIT,
+                };
+            }
+        }
+    }
+    mask
+}
+
+/// Applies the plain rows `rows` (indexes into `updates`), whose lines of the patch table
+/// are `staged` in the same order; gives their outcomes in that order.
 ///
 /// # Errors
 /// Only when the database fails.
@@ -154,48 +405,27 @@ pub async fn apply(
     tx: &mut Transaction<'_>,
     updates: &[&TokenUpdate],
     rows: &[usize],
-    is_dry_run: bool,
+    staged: &Staged,
 ) -> Result<Vec<PlainOutcome>, DbError> {
     use crate::apply::RowOutcome;
     if rows.is_empty() {
         return Ok(Vec::new());
     }
 
-    let mut new_codes = Vec::new();
-    let mut pass_codes = Vec::new();
-    for &i in rows {
-        let update = updates[i];
-        if let (Patch::Value(code), TokenKey::AuthenticationCode(key)) =
-            (&update.authentication_code, &update.key)
-            && code != key
-        {
-            new_codes.push(code.expose());
-        }
-        if let Patch::Value(pass_code) = &update.pass_code {
-            pass_codes.push(pass_code.clone());
-        }
-    }
-    let taken = bulk::taken(tx, "authentication_code", &new_codes).await?;
-    let hashes = if is_dry_run {
-        vec![secret::DRY_RUN_HASH.to_owned(); pass_codes.len()]
-    } else {
-        secret::hash_many(pass_codes).await
-    };
-
     let savepoint = tx
         .savepoint("plain")
         .await
         .map_err(DbError::query("cannot start a chunk"))?;
-    let applied = match stage_and_apply(&savepoint, updates, rows, &taken, hashes).await {
-        Ok(applied) => {
+    let verdicts = match stage_and_apply(&savepoint, updates.len(), staged).await {
+        Ok(verdicts) => {
             savepoint
                 .commit()
                 .await
                 .map_err(DbError::query("cannot finish a chunk"))?;
-            applied
+            verdicts
         }
         Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
-            // A value was taken by another transaction since it was checked.
+            // A value was taken by another transaction since the statement's snapshot.
             savepoint
                 .rollback()
                 .await
@@ -212,59 +442,48 @@ pub async fn apply(
 
     let wanted: Vec<Uuid> = rows
         .iter()
-        .enumerate()
-        .filter(|(_, i)| updates[**i].fields_set.is_some())
-        .filter_map(|(n, _)| applied.get(&(n as i32)).map(|a| a.id))
+        .filter(|&&i| updates[i].fields_set.is_some())
+        .filter_map(|&i| verdicts[i].as_ref().map(Verdict::id))
         .collect();
     let tokens = fetch_by_id(tx, &wanted).await?;
 
     let mut outcomes = Vec::with_capacity(rows.len());
-    for (n, &i) in rows.iter().enumerate() {
+    for &i in rows {
         let update = updates[i];
         let line = update.line;
         let failure = |error| PlainOutcome::Done(RowOutcome::Failed(vec![error]));
-        let Some(applied) = applied.get(&(n as i32)) else {
-            outcomes.push(failure(token::not_found_error(line)));
-            continue;
-        };
-        if is_code_taken(update, &taken) {
-            outcomes.push(failure(token::value_taken_error(
-                line,
-                "authentication_code",
-            )));
-            continue;
-        }
-        if !update.card_masked_number.is_absent() && !applied.is_credit_card {
-            outcomes.push(failure(token::card_not_applicable_error(line)));
-            continue;
-        }
-        let result = |token: Option<&Token>| {
+        let result = |id: &Uuid| {
             update
                 .fields_set
                 .as_ref()
-                .and_then(|fields| token.map(|token| token.result(fields)))
+                .and_then(|fields| tokens.get(id).map(|token| token.result(fields)))
         };
-        let outcome = match (applied.is_changed, applied.is_written) {
-            (false, _) => {
-                PlainOutcome::Done(RowOutcome::Unchanged(result(tokens.get(&applied.id))))
+        let outcome = match &verdicts[i] {
+            None => failure(token::not_found_error(line)),
+            Some(Verdict::Written(id)) => PlainOutcome::Done(RowOutcome::Applied(result(id))),
+            Some(Verdict::Left {
+                is_code_taken: true,
+                ..
+            }) => failure(token::value_taken_error(line, "authentication_code")),
+            Some(Verdict::Left { is_credit_card, .. })
+                if !update.card_masked_number.is_absent() && !is_credit_card =>
+            {
+                failure(token::card_not_applicable_error(line))
             }
-            (true, true) => {
-                PlainOutcome::Done(RowOutcome::Applied(result(tokens.get(&applied.id))))
-            }
-            (true, false) => PlainOutcome::Retry,
+            Some(Verdict::Left {
+                id,
+                is_changed: false,
+                ..
+            }) => PlainOutcome::Done(RowOutcome::Unchanged(result(id))),
+            // It passes every check and changes its token, yet was not written: the token
+            // changed under the statement and no longer matched. Apply it afresh.
+            Some(Verdict::Left {
+                is_changed: true, ..
+            }) => PlainOutcome::Retry,
         };
         outcomes.push(outcome);
     }
     Ok(outcomes)
-}
-
-fn is_code_taken(update: &TokenUpdate, taken: &HashSet<String>) -> bool {
-    match (&update.authentication_code, &update.key) {
-        (Patch::Value(code), TokenKey::AuthenticationCode(key)) => {
-            code != key && taken.contains(code.expose())
-        }
-        _ => false,
-    }
 }
 
 /// The tokens with these ids, as they are now.
@@ -284,141 +503,97 @@ async fn fetch_by_id(tx: &Transaction<'_>, ids: &[Uuid]) -> Result<HashMap<Uuid,
         .collect())
 }
 
-/// Copies the rows into the patch table and runs the statement; gives what it said of each
-/// row whose token exists, by the row's position in `rows`.
+/// Copies the staged rows into the patch table and applies them; gives what the database
+/// said of each row of the chunk (`chunk_rows` rows), by its `idx` (`None`: its token does
+/// not exist, or the row is not one of the staged).
 async fn stage_and_apply(
     tx: &Transaction<'_>,
-    updates: &[&TokenUpdate],
-    rows: &[usize],
-    taken: &HashSet<String>,
-    hashes: Vec<String>,
-) -> Result<HashMap<i32, Applied>, tokio_postgres::Error> {
+    chunk_rows: usize,
+    staged: &Staged,
+) -> Result<Vec<Option<Verdict>>, tokio_postgres::Error> {
     let started = std::time::Instant::now();
     tx.batch_execute("TRUNCATE tokensync_patch").await?;
-    let types = copy_types();
-    let sink = tx.copy_in(COPY_SQL).await?;
-    let writer = BinaryCopyInWriter::new(sink, &types);
-    let mut writer = std::pin::pin!(writer);
-    let mut hashes = hashes.into_iter();
-    for (n, &i) in rows.iter().enumerate() {
-        let update = updates[i];
-        let staged = Staged::new(n as i32, update, is_code_taken(update, taken), &mut hashes);
-        writer.as_mut().write(&staged.values()).await?;
-    }
-    writer.finish().await?;
+    staged.lines.send(tx, &staged.shape.copy_sql()).await?;
     let copied = std::time::Instant::now();
-    let copy_ms = (copied - started).as_millis() as u64;
-    tracing::debug!(copy_ms, "Plain rows staged.");
 
-    // The statement lists the staged rows whose token exists, then the ids it wrote (with
-    // no index): joining the two in SQL would cost a pass over one per row of the other.
-    let rows = tx.query(apply_sql(), &[]).await?;
-    let mut applied = HashMap::with_capacity(rows.len());
-    let mut written = HashSet::new();
-    for row in rows {
-        match row.get::<_, Option<i32>>(0) {
-            Some(idx) => {
-                let entry = Applied {
-                    id: row.get(1),
-                    is_credit_card: row.get(2),
-                    is_changed: row.get(3),
-                    is_written: false,
-                };
-                applied.insert(idx, entry);
-            }
-            None => {
-                written.insert(row.get::<_, Uuid>(1));
-            }
+    let mut verdicts: Vec<Option<Verdict>> = Vec::new();
+    verdicts.resize_with(chunk_rows, || None);
+    let mut written = 0;
+    for row in tx.query(&staged.shape.update_sql(), &[]).await? {
+        let idx: i32 = row.get(0);
+        verdicts[idx as usize] = Some(Verdict::Written(row.get(1)));
+        written += 1;
+    }
+    let written_ms = copied.elapsed().as_millis() as u64;
+
+    // Usually every row is written; only the others are looked at again.
+    if written < staged.len() {
+        let left: Vec<i32> = (0..chunk_rows)
+            .filter(|&i| verdicts[i].is_none())
+            .map(|i| i as i32)
+            .collect();
+        for row in tx.query(&staged.shape.verdict_sql(), &[&left]).await? {
+            let idx: i32 = row.get(0);
+            verdicts[idx as usize] = Some(Verdict::Left {
+                id: row.get(1),
+                is_code_taken: row.get(2),
+                is_credit_card: row.get(3),
+                is_changed: row.get(4),
+            });
         }
     }
-    for entry in applied.values_mut() {
-        entry.is_written = written.contains(&entry.id);
-    }
-    let statement_ms = copied.elapsed().as_millis() as u64;
-    tracing::debug!(rows = applied.len(), statement_ms, "Plain rows applied.");
-    Ok(applied)
+    tracing::debug!(
+        rows = staged.len(),
+        copy_ms = (copied - started).as_millis() as u64,
+        written_ms,
+        "Plain rows applied."
+    );
+    Ok(verdicts)
 }
 
-fn copy_types() -> Vec<Type> {
-    let mut types = vec![Type::INT4, Type::TEXT, Type::INT4, Type::BOOL];
-    types.extend([Type::TEXT; 3]);
-    types.extend([Type::TEXT; 8]);
-    types.extend([Type::FLOAT8; 4]);
-    types.extend([Type::DATE; 4]);
-    types.extend([Type::BOOL, Type::TEXT_ARRAY, Type::JSONB]);
-    types
-}
-
-/// One row of the patch table.
-struct Staged<'a> {
+/// One line of the patch table, before it is encoded.
+struct PatchLine<'a> {
     idx: i32,
     key_code: &'a str,
     mask: i32,
-    is_code_taken: bool,
     authentication_code: Option<&'a str>,
     pass_code_hash: Option<String>,
     card_masked_number: Option<&'a str>,
     udf_strings: [Option<&'a str>; 8],
     udf_floats: [Option<f64>; 4],
     udf_dates: [Option<chrono::NaiveDate>; 4],
-    custom_fields_clear: bool,
     custom_fields_remove: Vec<&'a str>,
     custom_fields_set: Value,
 }
 
-impl<'a> Staged<'a> {
+impl<'a> PatchLine<'a> {
+    /// The line of `update`, whose bits are `mask` (see [`mask_of`]).
     fn new(
         idx: i32,
         update: &'a TokenUpdate,
-        is_code_taken: bool,
+        mask: i32,
         hashes: &mut impl Iterator<Item = String>,
-    ) -> Staged<'a> {
-        let udfs_absent = update
-            .udf_strings
-            .iter()
-            .map(Patch::is_absent)
-            .chain(update.udf_floats.iter().map(Patch::is_absent))
-            .chain(update.udf_dates.iter().map(Patch::is_absent));
-        let mut mask = 0;
-        for (is_absent, bit) in [
-            (update.authentication_code.is_absent(), CODE_BIT),
-            (update.pass_code.is_absent(), PASS_CODE_BIT),
-            (update.card_masked_number.is_absent(), CARD_BIT),
-        ]
-        .into_iter()
-        .chain(udfs_absent.zip((FIRST_UDF_BIT..).map(|n| 1 << n)))
-        {
-            if !is_absent {
-                mask |= bit;
+    ) -> PatchLine<'a> {
+        let mut custom_fields_remove = Vec::new();
+        let mut custom_fields_set = Map::new();
+        if let CustomFieldsPatch::Change(changes) = &update.custom_fields {
+            for (name, value) in changes {
+                match value {
+                    Some(value) => {
+                        custom_fields_set.insert(name.clone(), value.clone());
+                    }
+                    None => custom_fields_remove.push(name.as_str()),
+                }
             }
         }
 
-        let (custom_fields_clear, custom_fields_remove, custom_fields_set) =
-            match &update.custom_fields {
-                CustomFieldsPatch::Absent => (false, Vec::new(), Map::new()),
-                CustomFieldsPatch::Clear => (true, Vec::new(), Map::new()),
-                CustomFieldsPatch::Change(changes) => {
-                    let mut remove = Vec::new();
-                    let mut set = Map::new();
-                    for (name, value) in changes {
-                        match value {
-                            Some(value) => {
-                                set.insert(name.clone(), value.clone());
-                            }
-                            None => remove.push(name.as_str()),
-                        }
-                    }
-                    (false, remove, set)
-                }
-            };
         let TokenKey::AuthenticationCode(key_code) = &update.key else {
             unreachable!("plain rows name their token by authentication code")
         };
-        Staged {
+        PatchLine {
             idx,
             key_code: key_code.expose(),
             mask,
-            is_code_taken,
             authentication_code: value(&update.authentication_code).map(Secret::expose),
             pass_code_hash: match update.pass_code {
                 Patch::Value(_) => hashes.next(),
@@ -428,28 +603,32 @@ impl<'a> Staged<'a> {
             udf_strings: std::array::from_fn(|i| value(&update.udf_strings[i]).map(String::as_str)),
             udf_floats: std::array::from_fn(|i| value(&update.udf_floats[i]).copied()),
             udf_dates: std::array::from_fn(|i| value(&update.udf_dates[i]).copied()),
-            custom_fields_clear,
             custom_fields_remove,
             custom_fields_set: Value::Object(custom_fields_set),
         }
     }
 
-    fn values(&self) -> Vec<&(dyn ToSql + Sync)> {
-        let mut values: Vec<&(dyn ToSql + Sync)> = vec![
-            &self.idx,
-            &self.key_code,
-            &self.mask,
-            &self.is_code_taken,
+    /// The values of the columns that rows of `shape` fill. The custom field columns hold
+    /// an empty list or object, never null, on a row that does not use them, since the
+    /// statement applies them to every row.
+    fn values(&self, shape: Shape) -> Vec<&(dyn ToSql + Sync)> {
+        let mut all: Vec<&(dyn ToSql + Sync)> = vec![
             &self.authentication_code,
             &self.pass_code_hash,
             &self.card_masked_number,
         ];
-        values.extend(self.udf_strings.iter().map(|v| v as &(dyn ToSql + Sync)));
-        values.extend(self.udf_floats.iter().map(|v| v as &(dyn ToSql + Sync)));
-        values.extend(self.udf_dates.iter().map(|v| v as &(dyn ToSql + Sync)));
-        values.push(&self.custom_fields_clear);
-        values.push(&self.custom_fields_remove);
-        values.push(&self.custom_fields_set);
+        all.extend(self.udf_strings.iter().map(|v| v as &(dyn ToSql + Sync)));
+        all.extend(self.udf_floats.iter().map(|v| v as &(dyn ToSql + Sync)));
+        all.extend(self.udf_dates.iter().map(|v| v as &(dyn ToSql + Sync)));
+        all.push(&self.custom_fields_remove);
+        all.push(&self.custom_fields_set);
+
+        let mut values: Vec<&(dyn ToSql + Sync)> = vec![&self.idx, &self.key_code, &self.mask];
+        for (value, (_, _, bit)) in all.into_iter().zip(columns()) {
+            if shape.has(*bit) {
+                values.push(value);
+            }
+        }
         values
     }
 }
@@ -459,5 +638,63 @@ fn value<T>(patch: &Patch<T>) -> Option<&T> {
     match patch {
         Patch::Value(value) => Some(value),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UDF_STRING_1_BIT: i32 = 1 << FIRST_UDF_BIT;
+
+    #[test]
+    fn a_shape_knows_what_some_and_what_every_row_specifies() {
+        let shape = Shape::of(&[CODE_BIT | UDF_STRING_1_BIT, UDF_STRING_1_BIT]);
+        assert_eq!(shape.any, CODE_BIT | UDF_STRING_1_BIT);
+        assert_eq!(shape.all, UDF_STRING_1_BIT);
+        assert_eq!(Shape::of(&[]), Shape { any: 0, all: 0 });
+    }
+
+    #[test]
+    fn the_update_assigns_only_what_rows_specify() {
+        let sql = Shape::of(&[CODE_BIT | UDF_STRING_1_BIT, UDF_STRING_1_BIT]).update_sql();
+        assert!(sql.contains("udf_string_1 = p.udf_string_1"), "{sql}");
+        assert!(
+            sql.contains("authentication_code = CASE WHEN p.mask & 1 <> 0"),
+            "{sql}"
+        );
+        assert!(!sql.contains("udf_string_2"), "{sql}");
+        assert!(!sql.contains("custom_fields ="), "{sql}");
+        assert!(!sql.contains("credit_card"), "{sql}");
+    }
+
+    #[test]
+    fn custom_fields_are_cleared_removed_and_set_in_that_order() {
+        let shape = Shape::of(&[CUSTOM_FIELDS_CLEAR_BIT, CUSTOM_FIELDS_REMOVE_BIT]);
+        let fields = shape
+            .new_custom_fields()
+            .expect("rows change custom fields");
+        assert!(
+            fields.starts_with("(CASE WHEN p.mask & 524288 <> 0"),
+            "{fields}"
+        );
+        assert!(fields.ends_with("- p.custom_fields_remove)"), "{fields}");
+        assert_eq!(Shape::of(&[CODE_BIT]).new_custom_fields(), None);
+    }
+
+    #[test]
+    fn a_row_that_specifies_nothing_changes_nothing() {
+        assert_eq!(Shape::of(&[0]).is_changed(), "false");
+        assert_eq!(Shape::of(&[0]).is_code_taken(), "false");
+    }
+
+    #[test]
+    fn the_copy_names_the_columns_of_the_shape() {
+        let sql = Shape::of(&[UDF_STRING_1_BIT | CUSTOM_FIELDS_SET_BIT]).copy_sql();
+        assert_eq!(
+            sql,
+            "COPY tokensync_patch (idx, key_code, mask, udf_string_1, custom_fields_set) \
+             FROM STDIN (FORMAT binary)"
+        );
     }
 }

@@ -415,7 +415,11 @@ impl<'d> UpdateBuilder<'d> {
 
         self.update.custom_fields = match self.custom_changes.take() {
             _ if self.custom_cleared => CustomFieldsPatch::Clear,
-            Some(changes) if !changes.is_empty() => CustomFieldsPatch::Change(changes),
+            Some(mut changes) if !changes.is_empty() => {
+                // Rows wait in chunks: keep only the room they use.
+                changes.shrink_to_fit();
+                CustomFieldsPatch::Change(changes)
+            }
             _ => CustomFieldsPatch::Absent,
         };
         match key {
