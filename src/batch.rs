@@ -19,7 +19,9 @@ use crate::incoming::{BatchFile, sha256_of};
 use crate::report::{self, Report, ReportFiles, Status};
 use crate::row::{self, Row, Rows, Span};
 use crate::shutdown::Shutdown;
+use crate::sightings::Sightings;
 use crate::telemetry;
+use crate::update::CustomFieldDefinitions;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Client;
@@ -83,11 +85,12 @@ impl Engine {
         config: &Config,
         tx: &Transaction<'_>,
         is_dry_run: bool,
+        sightings: Option<Sightings>,
     ) -> Result<Engine, DbError> {
         Ok(match config.apply.method {
             ApplyMethod::RowByRow => Engine::RowByRow(Applier::new(tx, is_dry_run).await?),
             ApplyMethod::SetBased => Engine::SetBased {
-                applier: BulkApplier::new(tx, is_dry_run).await?,
+                applier: BulkApplier::new(tx, is_dry_run, sightings).await?,
                 chunk_rows: config.apply.chunk_rows,
             },
         })
@@ -556,7 +559,11 @@ async fn apply_rows(
     progress: Option<&ProgressBar>,
 ) -> anyhow::Result<(Tally, Option<Span>)> {
     let definitions = Arc::new(apply::load_custom_fields(&*tx).await?);
-    let engine = Engine::new(config, tx, is_dry_run).await?;
+    let sightings = match (is_dry_run, config.apply.method) {
+        (true, ApplyMethod::SetBased) => read_sightings(file, config, &definitions).await,
+        _ => None,
+    };
+    let engine = Engine::new(config, tx, is_dry_run, sightings).await?;
 
     // The reader prepares the next chunk while one is applied, and no further: it takes
     // the channel's one place before it gathers a chunk, so at most two chunks are held.
@@ -623,6 +630,31 @@ async fn apply_rows(
     drop(receiver);
     let header_span = reader.await.expect("the reader thread does not panic");
     Ok((tally, header_span))
+}
+
+/// The first pass of a set-based dry run: the codes every row of `file` names or sets (see
+/// [`crate::sightings`]). `None` when the file cannot be read; the second pass says why.
+async fn read_sightings(
+    file: &BatchFile,
+    config: &Config,
+    definitions: &Arc<CustomFieldDefinitions>,
+) -> Option<Sightings> {
+    let (path, kind) = (file.path.clone(), file.kind);
+    let options = config.read_options();
+    let definitions = Arc::clone(definitions);
+    tokio::task::spawn_blocking(move || {
+        let input = row::open(&path, kind, options.max_file_bytes).ok()?;
+        let rows = Rows::new(input, kind.format, &options, &definitions).ok()?;
+        let mut sightings = Sightings::default();
+        for row in rows.flatten() {
+            if let Ok(update) = &row.update {
+                sightings.record(update);
+            }
+        }
+        Some(sightings)
+    })
+    .await
+    .expect("the first pass does not panic")
 }
 
 /// Sends the rows in chunks of `chunk_rows`, each made by `prepare`, then the file fault

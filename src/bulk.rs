@@ -31,6 +31,7 @@ use crate::error::RowError;
 use crate::plain::{self, PlainOutcome};
 use crate::row::Row;
 use crate::secret;
+use crate::sightings::Sightings;
 use crate::token::{self, Definition, RowFacts, Token};
 use crate::update::{Patch, Secret, TokenKey, TokenUpdate};
 use chrono::{DateTime, Utc};
@@ -143,6 +144,26 @@ impl Chunk {
     }
 }
 
+/// A part of a chunk's plain rows that goes one way.
+#[derive(Default)]
+struct Lane {
+    /// Their places among the chunk's plain rows, ascending.
+    staged: Vec<usize>,
+    /// Their places among the chunk's rows that parsed, in the same order.
+    rows: Vec<usize>,
+}
+
+impl Lane {
+    /// Their lines of the patch table.
+    fn lines<'c>(&self, chunk: &'c Chunk) -> Cow<'c, plain::Staged> {
+        if self.staged.len() == chunk.staged.len() {
+            Cow::Borrowed(&chunk.staged)
+        } else {
+            Cow::Owned(chunk.staged.pick(&self.staged))
+        }
+    }
+}
+
 /// Applies the rows of one batch in chunks, in its transaction.
 pub struct BulkApplier {
     definition: Definition,
@@ -150,14 +171,22 @@ pub struct BulkApplier {
     is_dry_run: bool,
     /// The transaction's `now()`, which every written token gets as `updated_at`.
     now: DateTime<Utc>,
+    /// In a dry run, what tells the plain rows that need no write.
+    sightings: Option<Sightings>,
 }
 
 impl BulkApplier {
-    /// Prepares the staging table and the row-by-row applier for dependent rows.
+    /// Prepares the staging table and the row-by-row applier for dependent rows. A dry run
+    /// may pass the [`Sightings`] of its whole file: plain rows that no other row can see are
+    /// then checked, not written.
     ///
     /// # Errors
     /// When the database refuses.
-    pub async fn new(tx: &Transaction<'_>, is_dry_run: bool) -> Result<BulkApplier, DbError> {
+    pub async fn new(
+        tx: &Transaction<'_>,
+        is_dry_run: bool,
+        sightings: Option<Sightings>,
+    ) -> Result<BulkApplier, DbError> {
         let rows = Applier::new(tx, is_dry_run).await?;
         let definition = rows.definition();
         // Chunks are small beside the table: a merge join would walk the index from its start
@@ -180,6 +209,7 @@ impl BulkApplier {
             rows,
             is_dry_run,
             now,
+            sightings: sightings.filter(|_| is_dry_run),
         })
     }
 
@@ -210,21 +240,29 @@ impl BulkApplier {
             }
         }
 
-        // The staged lines of the plain rows that do not depend on another row.
-        let (picked, plain_rows): (Vec<usize>, Vec<usize>) = chunk
-            .plain_rows
-            .iter()
-            .enumerate()
-            .filter(|(_, i)| !is_dependent[**i])
-            .map(|(k, i)| (k, *i))
-            .unzip();
-        let staged = if picked.len() == chunk.staged.len() {
-            Cow::Borrowed(&chunk.staged)
-        } else {
-            Cow::Owned(chunk.staged.pick(&picked))
-        };
-        let plain_outcomes = plain::apply(tx, updates, &plain_rows, &staged).await?;
-        for (i, outcome) in plain_rows.into_iter().zip(plain_outcomes) {
+        // The plain rows that do not depend on another row. In a dry run, those that no other
+        // row of the batch can see are only checked.
+        let mut written = Lane::default();
+        let mut checked = Lane::default();
+        for (k, &i) in chunk.plain_rows.iter().enumerate() {
+            if is_dependent[i] {
+                continue;
+            }
+            let lane = match &self.sightings {
+                Some(sightings) if !sightings.is_seen_by_others(updates[i]) => &mut checked,
+                _ => &mut written,
+            };
+            lane.staged.push(k);
+            lane.rows.push(i);
+        }
+        let checked_outcomes =
+            plain::check(tx, updates, &checked.rows, &checked.lines(chunk)).await?;
+        for (&i, outcome) in checked.rows.iter().zip(checked_outcomes) {
+            outcomes[i] = Some(outcome);
+        }
+        let written_outcomes =
+            plain::apply(tx, updates, &written.rows, &written.lines(chunk)).await?;
+        for (&i, outcome) in written.rows.iter().zip(written_outcomes) {
             outcomes[i] = Some(match outcome {
                 PlainOutcome::Done(outcome) => outcome,
                 // Changed by another transaction since the statement began: apply it afresh.

@@ -19,6 +19,7 @@ pub mod row;
 pub mod run;
 pub mod secret;
 pub mod shutdown;
+pub mod sightings;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

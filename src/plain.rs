@@ -20,8 +20,10 @@
 //! changes meanwhile is re-read by PostgreSQL before it is written, as a row-by-row update
 //! would see it.
 
+use crate::apply::RowOutcome;
 use crate::copy::CopyRows;
 use crate::db::DbError;
+use crate::error::RowError;
 use crate::token::{self, Token};
 use crate::update::{CustomFieldsPatch, Patch, Secret, TokenKey, TokenUpdate};
 use serde_json::{Map, Value};
@@ -241,10 +243,10 @@ impl Shape {
         )
     }
 
-    /// The query that tells, for the staged rows whose `idx` is in `$1` and that the update
-    /// left alone, why: it lists those whose token exists, with the token's id, whether the
-    /// row's new code is taken, whether the token takes card numbers, and whether the row
-    /// would change it.
+    /// The query that tells, for the staged rows whose `idx` is in `$1` (those the update
+    /// left alone, or in a dry run those it need not write), what the checks say: it lists
+    /// those whose token exists, with the token's id, whether the row's new code is taken,
+    /// whether the token takes card numbers, and whether the row would change it.
     fn verdict_sql(self) -> String {
         format!(
             "SELECT p.idx, t.id, {is_code_taken}, coalesce(c.credit_card, false), {is_changed}
@@ -407,7 +409,6 @@ pub async fn apply(
     rows: &[usize],
     staged: &Staged,
 ) -> Result<Vec<PlainOutcome>, DbError> {
-    use crate::apply::RowOutcome;
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -462,28 +463,88 @@ pub async fn apply(
             None => failure(token::not_found_error(line)),
             Some(Verdict::Written(id)) => PlainOutcome::Done(RowOutcome::Applied(result(id))),
             Some(Verdict::Left {
-                is_code_taken: true,
-                ..
-            }) => failure(token::value_taken_error(line, "authentication_code")),
-            Some(Verdict::Left { is_credit_card, .. })
-                if !update.card_masked_number.is_absent() && !is_credit_card =>
-            {
-                failure(token::card_not_applicable_error(line))
-            }
-            Some(Verdict::Left {
                 id,
-                is_changed: false,
-                ..
-            }) => PlainOutcome::Done(RowOutcome::Unchanged(result(id))),
-            // It passes every check and changes its token, yet was not written: the token
-            // changed under the statement and no longer matched. Apply it afresh.
-            Some(Verdict::Left {
-                is_changed: true, ..
-            }) => PlainOutcome::Retry,
+                is_code_taken,
+                is_credit_card,
+                is_changed,
+            }) => match refusal(update, *is_code_taken, *is_credit_card) {
+                Some(error) => failure(error),
+                None if !is_changed => PlainOutcome::Done(RowOutcome::Unchanged(result(id))),
+                // It passes every check and changes its token, yet was not written: the
+                // token changed under the statement and no longer matched. Apply it afresh.
+                None => PlainOutcome::Retry,
+            },
         };
         outcomes.push(outcome);
     }
     Ok(outcomes)
+}
+
+/// Checks the plain rows `rows` (indexes into `updates`), whose lines of the patch table are
+/// `staged` in the same order, without writing them; gives their outcomes in that order.
+/// For a dry run only, and only for rows no other row of the batch can see (see
+/// [`crate::sightings`]): an outcome holds no result, since a dry run reports none.
+///
+/// # Errors
+/// Only when the database fails.
+pub async fn check(
+    tx: &Transaction<'_>,
+    updates: &[&TokenUpdate],
+    rows: &[usize],
+    staged: &Staged,
+) -> Result<Vec<RowOutcome>, DbError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let started = std::time::Instant::now();
+    tx.batch_execute("TRUNCATE tokensync_patch")
+        .await
+        .map_err(DbError::query("cannot check a chunk"))?;
+    staged
+        .lines
+        .send(tx, &staged.shape.copy_sql())
+        .await
+        .map_err(DbError::query("cannot check a chunk"))?;
+    let all: Vec<i32> = rows.iter().map(|&i| i as i32).collect();
+    let verdicts = tx
+        .query(&staged.shape.verdict_sql(), &[&all])
+        .await
+        .map_err(DbError::query("cannot check a chunk"))?;
+    let mut found: HashMap<i32, (bool, bool, bool)> = HashMap::with_capacity(verdicts.len());
+    for row in verdicts {
+        found.insert(row.get(0), (row.get(2), row.get(3), row.get(4)));
+    }
+    tracing::debug!(
+        rows = rows.len(),
+        check_ms = started.elapsed().as_millis() as u64,
+        "Plain rows checked."
+    );
+
+    let outcomes = rows.iter().map(|&i| {
+        let update = updates[i];
+        let Some(&(is_code_taken, is_credit_card, is_changed)) = found.get(&(i as i32)) else {
+            return RowOutcome::Failed(vec![token::not_found_error(update.line)]);
+        };
+        match refusal(update, is_code_taken, is_credit_card) {
+            Some(error) => RowOutcome::Failed(vec![error]),
+            None if is_changed => RowOutcome::Applied(None),
+            None => RowOutcome::Unchanged(None),
+        }
+    });
+    Ok(outcomes.collect())
+}
+
+/// The error that refuses a plain row whose token exists, if any, in the order of the rules:
+/// its new authentication code is held by another token, or it sets a card number on a token
+/// whose classification takes none.
+fn refusal(update: &TokenUpdate, is_code_taken: bool, is_credit_card: bool) -> Option<RowError> {
+    if is_code_taken {
+        Some(token::value_taken_error(update.line, "authentication_code"))
+    } else if !update.card_masked_number.is_absent() && !is_credit_card {
+        Some(token::card_not_applicable_error(update.line))
+    } else {
+        None
+    }
 }
 
 /// The tokens with these ids, as they are now.
