@@ -1,11 +1,14 @@
 //! Applying a batch in sets: a few statements per chunk of rows instead of a few per row,
 //! with the very result of applying the rows one after another (SPEC 1.4).
 //!
-//! A chunk of rows (in file order) goes through these steps:
+//! A chunk of rows (in file order) is first *prepared* on the reader thread, while the
+//! chunk before it is applied ([`Chunk::prepared`]): its plain rows (see [`crate::plain`])
+//! are marked, their new pass codes hashed and their lines of the patch table encoded. Then
+//! it goes through these steps:
 //!
-//! 1. **Resolve** every row's token with two queries (`= ANY` over the authentication codes
-//!    and the identifiers named), and verify the pass codes of rows named by identifier on
-//!    every core at once.
+//! 1. **Resolve** the token of every row that is not plain with two queries (`= ANY` over
+//!    the authentication codes and the identifiers named), and verify the pass codes of
+//!    rows named by identifier on every core at once.
 //! 2. **Split** the rows that depend on each other from those that do not. Two rows depend
 //!    on each other when they reach the same token, or when an authentication code or
 //!    identifier that one of them names, sets or finds on its token is named, set or found
@@ -21,6 +24,10 @@
 //!    step 1. A token that another transaction changed since (no row returned), or a
 //!    unique value taken meanwhile (the savepoint is rolled back), sends those rows to the
 //!    row-by-row path, which locks and reads afresh.
+//!
+//! The plain rows that do not depend on another row skip steps 1 and 3: the fast lane
+//! finds, checks and writes them with one statement (in a dry run, those no other row of
+//! the file can see are only checked; see [`crate::sightings`]).
 //!
 //! Unchanged rows write nothing, so `updated_at` moves only for real changes, as in the
 //! row-by-row path.
