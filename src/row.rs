@@ -233,17 +233,44 @@ struct Window {
     bytes: Vec<u8>,
 }
 
-/// Copies what the CSV reader reads into the shared [`Window`].
+/// Copies what the CSV reader reads into the shared [`Window`], and stops the reader with
+/// [`RecordTooLarge`] once the bytes no row has claimed pass `limit`. The csv crate holds a
+/// whole record in memory before it gives it out; this bounds that record, which could
+/// otherwise run to the end of the file behind a quote left open.
 struct Tap {
     inner: Box<dyn Read + Send>,
     window: Arc<Mutex<Window>>,
+    limit: u64,
 }
+
+/// The error a [`Tap`] gives: the record being read is far larger than `max_row_bytes`.
+#[derive(Debug, thiserror::Error)]
+#[error("the row is larger than apply.max_row_bytes")]
+struct RecordTooLarge;
 
 impl Read for Tap {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let read = self.inner.read(buf)?;
-        lock(&self.window).bytes.extend_from_slice(&buf[..read]);
+        let mut window = lock(&self.window);
+        window.bytes.extend_from_slice(&buf[..read]);
+        if window.bytes.len() as u64 > self.limit {
+            return Err(io::Error::other(RecordTooLarge));
+        }
         Ok(read)
+    }
+}
+
+/// Bytes a [`Tap`] lets the unclaimed part of its window hold beyond `max_row_bytes`: the
+/// csv crate reads ahead in blocks of 8 KiB, and a record a little over the limit is
+/// refused as a row, the file read on.
+const TAP_SLACK: u64 = 64 * 1024;
+
+fn is_record_too_large(error: &csv::Error) -> bool {
+    match error.kind() {
+        csv::ErrorKind::Io(error) => error
+            .get_ref()
+            .is_some_and(|inner| inner.is::<RecordTooLarge>()),
+        _ => false,
     }
 }
 
@@ -274,6 +301,7 @@ impl<'d> CsvRows<'d> {
         let tap = Tap {
             inner: input,
             window: Arc::clone(&window),
+            limit: options.max_row_bytes.saturating_add(TAP_SLACK),
         };
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(false)
@@ -281,9 +309,14 @@ impl<'d> CsvRows<'d> {
             .delimiter(options.delimiter)
             .from_reader(tap);
         let mut header = csv::ByteRecord::new();
-        let has_header = reader
-            .read_byte_record(&mut header)
-            .map_err(|e| csv_fault(&e))?;
+        let has_header = reader.read_byte_record(&mut header).map_err(|error| {
+            if is_record_too_large(&error) {
+                let message = "the header is larger than apply.max_row_bytes";
+                RowError::file(ErrorCode::InvalidHeader, message)
+            } else {
+                csv_fault(&error)
+            }
+        })?;
         if !has_header {
             return Err(RowError::file(
                 ErrorCode::InvalidHeader,
@@ -311,11 +344,15 @@ impl<'d> CsvRows<'d> {
     }
 
     fn next_row(&mut self) -> Result<Option<Row>, RowError> {
-        if !self
+        let start = self.reader.position().clone();
+        let is_record = self
             .reader
             .read_byte_record(&mut self.record)
-            .map_err(|e| csv_fault(&e))?
-        {
+            .map_err(|error| match is_record_too_large(&error) {
+                true => self.record_too_large(&start),
+                false => csv_fault(&error),
+            })?;
+        if !is_record {
             return Ok(None);
         }
         let position = self
@@ -330,10 +367,24 @@ impl<'d> CsvRows<'d> {
         Ok(Some(Row { line, span, update }))
     }
 
+    /// The fault for a record the [`Tap`] stopped, which began at `start`: a row error of
+    /// its line, which ends the file, since where such a record ends cannot be known
+    /// without reading it all.
+    fn record_too_large(&self, start: &csv::Position) -> RowError {
+        let window = lock(&self.window);
+        let skipped = window
+            .bytes
+            .iter()
+            .take_while(|&&byte| byte == b'\n' || byte == b'\r')
+            .filter(|&&byte| byte == b'\n')
+            .count();
+        let line = start.line() + skipped as u64;
+        let message = "the row is larger than apply.max_row_bytes, and the rest of the file \
+                       cannot be read (is a quote left open?)";
+        RowError::row(line, ErrorCode::RowTooLarge, message)
+    }
+
     fn parse_record(&self, line: u64, span: Span) -> Result<TokenUpdate, Vec<RowError>> {
-        // TODO: the csv crate has already buffered the whole record here, so one giant
-        // quoted cell still costs its size in memory before it is refused; bounding that
-        // needs a reader that stops a record at apply.max_row_bytes (JSON Lines does).
         if span.end - span.start > self.max_row_bytes {
             let message = "the row is larger than apply.max_row_bytes";
             return Err(vec![RowError::row(line, ErrorCode::RowTooLarge, message)]);
@@ -668,6 +719,29 @@ mod tests {
         let input: Box<dyn Read + Send> = Box::new(io::Cursor::new(text.as_bytes().to_vec()));
         let rows = Rows::new(input, format, &options(), &definitions)?;
         rows.collect()
+    }
+
+    #[test]
+    fn csv_record_far_past_max_row_bytes_ends_the_file_at_its_line() {
+        let mut text = String::from("access_token_identifier.authentication_code,udf_string_1\n");
+        text.push_str("AC1,gold\n\r\n\nAC2,\"open\n");
+        text.push_str(&"AC3,x\n".repeat(20_000));
+        let mut definitions = CustomFieldDefinitions::new();
+        definitions.insert("tier".into(), DataType::String);
+        let input: Box<dyn Read + Send> = Box::new(io::Cursor::new(text.into_bytes()));
+        let mut rows = Rows::new(input, Format::Csv, &options(), &definitions).unwrap();
+        assert_eq!(rows.next().unwrap().unwrap().line, 2);
+        let fault = rows.next().unwrap().unwrap_err();
+        assert_eq!(fault.line, Some(5), "{fault:?}");
+        assert_eq!(fault.code, ErrorCode::RowTooLarge);
+        assert!(rows.next().is_none());
+    }
+
+    #[test]
+    fn csv_header_far_past_max_row_bytes_is_an_invalid_header() {
+        let header = "x".repeat(100_000);
+        let error = read(&header, Format::Csv).unwrap_err();
+        assert_eq!(error.code, ErrorCode::InvalidHeader);
     }
 
     #[test]

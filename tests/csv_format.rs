@@ -618,3 +618,37 @@ async fn jsonl_rejects_copy_failed_lines_byte_for_byte() {
     assert!(env.processed("clean.ndjson", ".rejects.jsonl").is_none());
     assert!(env.processed("clean.ndjson", ".errors.jsonl").is_none());
 }
+
+/// A quote left open makes the rest of the file one record. Once that record is far past
+/// `apply.max_row_bytes`, reading stops (the rest is never held in memory) with
+/// `ROW_TOO_LARGE` on the line where the record began, and the file is rejected even under
+/// `skip-row`: what follows that line cannot be read.
+#[tokio::test]
+async fn a_quote_left_open_stops_reading_past_max_row_bytes() {
+    let env = TestEnv::new().await;
+    env.insert_token("AC1").await;
+    env.insert_token("AC2").await;
+    let before = env.tokens_snapshot().await;
+    let mut text = format!("{HEADER}\nAC1,gold,1.5\n\nAC2,\"open,\n");
+    for n in 0..20_000 {
+        text.push_str(&format!("AC{n},filler,1\n"));
+    }
+    env.drop_file("open.csv", text);
+
+    let exit = env.run_now_with(&[
+        ("TOKENSYNC_APPLY_MAX_ROW_BYTES", "1024"),
+        ("TOKENSYNC_APPLY_ON_ROW_ERROR", "skip-row"),
+    ]);
+
+    assert_eq!(exit, 1, "a rejected file exits 1");
+    let report = env.report("open.csv");
+    assert_eq!(report["status"], "rejected", "{report}");
+    assert_eq!(report["errors_by_code"]["ROW_TOO_LARGE"], 1, "{report}");
+    let errors = env.report_lines("open.csv", ".errors.jsonl");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["line"], 4, "{errors:?}");
+    assert_eq!(errors[0]["code"], "ROW_TOO_LARGE");
+    let moved = env.processed("open.csv", "").expect("the file is kept");
+    assert!(moved.starts_with(env.failed()), "{moved:?}");
+    assert_eq!(env.tokens_snapshot().await, before, "nothing is applied");
+}
