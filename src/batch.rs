@@ -11,7 +11,7 @@
 
 use crate::apply::{self, Applier, RowOutcome};
 use crate::bulk::{BulkApplier, Chunk};
-use crate::claim::{self, AppliedBatch, Claim, Judgement};
+use crate::claim::{self, Claim, Judgement, RecordedBatch};
 use crate::config::{ApplyMethod, Config, OnRowError};
 use crate::db::DbError;
 use crate::error::{ErrorCode, RowError};
@@ -312,8 +312,8 @@ async fn validate(
         .transaction()
         .await
         .map_err(DbError::query("cannot begin a dry run"))?;
-    let is_archived = |_: &str| true;
-    if claim::judge(&*tx, &report.sha256, &file.name, is_archived).await? == Judgement::New {
+    let is_unmoved = |_: &RecordedBatch| false;
+    if claim::judge(&*tx, &report.sha256, &file.name, is_unmoved).await? == Judgement::New {
         let mut sink = Sink::Errors(on_error);
         let (tally, _) = apply_rows(
             config,
@@ -358,9 +358,8 @@ async fn apply_claimed(
         .await
         .map_err(DbError::query("cannot begin a batch"))?;
     claim::lock_content(&*tx, &report.sha256).await?;
-    let archive = &config.paths.archive;
-    let is_archived = |name: &str| archive.join(name).exists();
-    let judgement = claim::judge(&*tx, &report.sha256, &file.name, is_archived).await?;
+    let is_unmoved = |batch: &RecordedBatch| is_unmoved(config, &work_dir, batch);
+    let judgement = claim::judge(&*tx, &report.sha256, &file.name, is_unmoved).await?;
     if let Judgement::Unfinished(batch) = judgement {
         tx.rollback()
             .await
@@ -399,11 +398,7 @@ async fn apply_claimed(
     }
     report.finished_at = Utc::now();
 
-    let dest = if report.status.is_archived() {
-        archive
-    } else {
-        &config.paths.failed
-    };
+    let dest = destination(config, report.status);
     let archive_name = report::final_name(dest, started_at, &file.name);
     let written = write_reports(
         config,
@@ -468,19 +463,37 @@ fn write_reports(
         .with_context(|| format!("cannot write the report of {}", file.name))
 }
 
-/// Finishes a batch that committed before its process stopped: moves its reports and its
-/// file to the archive name the ledger holds.
+/// Where the file of a batch with this status goes.
+fn destination(config: &Config, status: Status) -> &Path {
+    match status.is_archived() {
+        true => &config.paths.archive,
+        false => &config.paths.failed,
+    }
+}
+
+/// Whether the file of a recorded batch is still to be moved: it is not at its archive
+/// name, and its report is in the work folder (written before the record) or already
+/// beside that name (moved first).
+fn is_unmoved(config: &Config, work_dir: &Path, batch: &RecordedBatch) -> bool {
+    let dest = destination(config, batch.status);
+    let published = dest.join(format!("{}.{}", batch.archive_name, report::REPORT));
+    !dest.join(&batch.archive_name).exists()
+        && (work_dir.join(report::REPORT).exists() || published.exists())
+}
+
+/// Finishes a batch recorded before the process stopped: moves its reports (still in the
+/// work folder) and its file to where its status sends them.
 async fn finish_unfinished(
     config: &Config,
     file: &BatchFile,
     work_dir: &Path,
-    batch: &AppliedBatch,
+    batch: &RecordedBatch,
     file_bytes: u64,
     clock: Instant,
 ) -> anyhow::Result<Report> {
-    let archive = &config.paths.archive;
+    let dest = destination(config, batch.status);
     let in_work_dir = work_dir.join(report::REPORT);
-    let published = archive.join(format!("{}.{}", batch.archive_name, report::REPORT));
+    let published = dest.join(format!("{}.{}", batch.archive_name, report::REPORT));
     let report_path = if in_work_dir.exists() {
         in_work_dir
     } else {
@@ -493,9 +506,14 @@ async fn finish_unfinished(
 
     let files = ReportFiles::existing(work_dir.to_owned(), file.kind);
     files
-        .publish(&file.path, archive, &batch.archive_name)
-        .with_context(|| format!("cannot move {} to {}", file.name, archive.display()))?;
-    tracing::info!(file = %file.name, batch_id = %batch.id, "Batch committed before a stop; its file is now archived.");
+        .publish(&file.path, dest, &batch.archive_name)
+        .with_context(|| format!("cannot move {} to {}", file.name, dest.display()))?;
+    tracing::info!(
+        file = %file.name,
+        batch_id = %batch.id,
+        status = batch.status.as_str(),
+        "Batch recorded before a stop; its file is now moved."
+    );
     telemetry::batch_finished(&report, file_bytes, clock.elapsed());
     Ok(report)
 }

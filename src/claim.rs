@@ -23,15 +23,18 @@
 //! - before the commit: the transaction is rolled back by PostgreSQL; the file is still in
 //!   `paths.incoming`; the next claim removes the stale work folder and applies it again;
 //! - after the commit, before the file is moved: the next claim finds the ledger row of
-//!   this file name and content whose archived file does not exist yet, and finishes the
-//!   moves from the work folder ([`Judgement::Unfinished`]) instead of calling the file a
-//!   duplicate;
+//!   this file name and content whose file is not at its archive name yet, while its report
+//!   is in the work folder or already beside that name, and finishes the moves
+//!   ([`Judgement::Unfinished`]) instead of calling the file a duplicate;
 //! - after the move: the file is gone from `paths.incoming`; nothing is left to do.
 //!
-//! A rejected or duplicate batch is recorded after its rollback; if the process dies
-//! before its file is moved, the file is simply judged again.
+//! A rejected or duplicate batch is recorded after its rollback, its reports already
+//! flushed: if the process dies before its file is moved, the next claim finishes it the
+//! same way, with no second ledger row. If it dies before the record, the file is simply
+//! judged again.
 
 use crate::db::DbError;
+use crate::report::Status;
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
@@ -105,20 +108,21 @@ pub enum Judgement {
     New,
     /// The content was applied before (fully or partly): a duplicate.
     Duplicate,
-    /// This very file was committed, but the process stopped before moving it: finish.
-    Unfinished(AppliedBatch),
+    /// This very file was recorded, but the process stopped before moving it: finish.
+    Unfinished(RecordedBatch),
 }
 
-/// The ledger row of an applied batch.
+/// The ledger row of a batch whose file is to be moved.
 #[derive(Debug, Clone, PartialEq)]
-pub struct AppliedBatch {
+pub struct RecordedBatch {
     pub id: Uuid,
+    pub status: Status,
     pub archive_name: String,
     pub started_at: DateTime<Utc>,
 }
 
-/// Judges a file by its content and name. `is_archived` tells whether an archive name is
-/// taken by a file in `paths.archive`.
+/// Judges a file by its content and name. `is_unmoved` tells whether the file of a ledger
+/// row with this name and content is still to be moved (see the module's comment).
 ///
 /// # Errors
 /// When the database fails.
@@ -126,29 +130,41 @@ pub async fn judge(
     client: &impl GenericClient,
     sha256: &str,
     file_name: &str,
-    is_archived: impl Fn(&str) -> bool,
+    is_unmoved: impl Fn(&RecordedBatch) -> bool,
 ) -> Result<Judgement, DbError> {
-    let sql = "SELECT id, file_name, archive_name, started_at FROM batches \
-               WHERE sha256 = $1 AND status IN ('applied', 'partially_applied')";
-    let row = client
-        .query_opt(sql, &[&sha256])
+    let sql = "SELECT id, status, archive_name, started_at FROM batches \
+               WHERE sha256 = $1 AND file_name = $2 AND archive_name IS NOT NULL \
+               ORDER BY started_at DESC LIMIT 1";
+    let latest = client
+        .query_opt(sql, &[&sha256, &file_name])
         .await
         .map_err(DbError::query("cannot read the ledger"))?;
-    let Some(row) = row else {
-        return Ok(Judgement::New);
-    };
-    let recorded_name: String = row.get(1);
-    let archive_name: Option<String> = row.get(2);
-    match archive_name {
-        Some(archive_name) if recorded_name == file_name && !is_archived(&archive_name) => {
-            Ok(Judgement::Unfinished(AppliedBatch {
-                id: row.get(0),
-                archive_name,
-                started_at: row.get(3),
-            }))
+    // The ledger's check constraint allows only the statuses `Status` knows.
+    if let Some(row) = latest
+        && let Some(status) = Status::parse(row.get(1))
+    {
+        let batch = RecordedBatch {
+            id: row.get(0),
+            status,
+            archive_name: row.get(2),
+            started_at: row.get(3),
+        };
+        if is_unmoved(&batch) {
+            return Ok(Judgement::Unfinished(batch));
         }
-        _ => Ok(Judgement::Duplicate),
     }
+
+    let sql = "SELECT EXISTS (SELECT FROM batches \
+               WHERE sha256 = $1 AND status IN ('applied', 'partially_applied'))";
+    let is_applied: bool = client
+        .query_one(sql, &[&sha256])
+        .await
+        .map_err(DbError::query("cannot read the ledger"))?
+        .get(0);
+    Ok(match is_applied {
+        true => Judgement::Duplicate,
+        false => Judgement::New,
+    })
 }
 
 #[cfg(test)]

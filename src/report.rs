@@ -35,6 +35,18 @@ impl Status {
         }
     }
 
+    /// The status written as `text` (see [`Status::as_str`]).
+    pub fn parse(text: &str) -> Option<Status> {
+        [
+            Status::Applied,
+            Status::PartiallyApplied,
+            Status::Rejected,
+            Status::Duplicate,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == text)
+    }
+
     /// Whether the batch's file goes to `paths.archive` (else to `paths.failed`).
     pub fn is_archived(self) -> bool {
         !matches!(self, Status::Rejected)

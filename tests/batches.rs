@@ -37,6 +37,18 @@ async fn count_code(env: &TestEnv, code: &str) -> i64 {
     row.get(0)
 }
 
+/// Asserts the ledger's rows, in order, as file names and statuses.
+async fn assert_ledger(env: &TestEnv, expected: &[(&str, &str)]) {
+    let rows: Vec<(String, String)> = env
+        .batches()
+        .await
+        .into_iter()
+        .map(|b| (b.0, b.1))
+        .collect();
+    let rows: Vec<(&str, &str)> = rows.iter().map(|(f, s)| (f.as_str(), s.as_str())).collect();
+    assert_eq!(rows, expected);
+}
+
 /// The `.report.json` files of a folder, parsed, in name order.
 fn reports_in(env: &TestEnv, dir: &Path) -> Vec<Value> {
     env.names_in(dir)
@@ -362,22 +374,15 @@ async fn the_same_file_twice_is_a_duplicate_applied_once() {
     assert_eq!(env.run_now_with(&[]), 0);
 
     assert_eq!(env.tokens_snapshot().await, before);
-    let statuses: Vec<(String, String)> = env
-        .batches()
-        .await
-        .into_iter()
-        .map(|b| (b.0, b.1))
-        .collect();
-    let expected = [
-        ("dup.csv", "applied"),
-        ("dup.csv", "duplicate"),
-        ("renamed.csv", "duplicate"),
-    ];
-    let expected: Vec<(String, String)> = expected
-        .iter()
-        .map(|(f, s)| (f.to_string(), s.to_string()))
-        .collect();
-    assert_eq!(statuses, expected);
+    assert_ledger(
+        &env,
+        &[
+            ("dup.csv", "applied"),
+            ("dup.csv", "duplicate"),
+            ("renamed.csv", "duplicate"),
+        ],
+    )
+    .await;
     let reports = reports_in(&env, &env.archive());
     assert_eq!(reports.len(), 3, "every drop is archived with its report");
     let duplicates: Vec<&Value> = reports
@@ -742,4 +747,113 @@ async fn two_instances_at_once_apply_each_file_exactly_once() {
             .collect();
         assert_eq!(output.status.code(), Some(0), "{warnings:#?}");
     }
+}
+
+/// Puts the state back as a process killed while publishing `name` would leave it: the file
+/// in incoming again, and its reports back in the work folder unless `reports_moved`.
+fn unpublish(env: &TestEnv, name: &str, reports_moved: bool) {
+    let archived = env.processed(name, "").expect("the file was moved");
+    let dest = archived.parent().unwrap().to_owned();
+    let archive_name = archived.file_name().unwrap().to_str().unwrap().to_owned();
+    std::fs::rename(&archived, env.incoming().join(name)).unwrap();
+    if reports_moved {
+        return;
+    }
+    let work_dir = env.incoming().join(".tokensync").join(name);
+    std::fs::create_dir_all(&work_dir).unwrap();
+    let prefix = format!("{archive_name}.");
+    for entry in std::fs::read_dir(&dest).unwrap() {
+        let path = entry.unwrap().path();
+        let file_name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if let Some(suffix) = file_name.strip_prefix(&prefix) {
+            std::fs::rename(&path, work_dir.join(suffix)).unwrap();
+        }
+    }
+}
+
+/// A batch recorded in the ledger whose file was not moved yet (the process died while
+/// publishing it) is finished by the next run, whatever its status and whether its reports
+/// had been moved: the file and its reports end at the name the ledger holds, with no
+/// second ledger row and the same exit code.
+#[tokio::test]
+async fn a_batch_recorded_before_a_stop_is_moved_without_a_second_record() {
+    let env = TestEnv::new().await;
+    env.insert_token("FIN-1").await;
+    let applied = csv("udf_string_1", &["FIN-1,done"]);
+    let rejected = csv("udf_string_1", &["FIN-404,never"]);
+    let cases = [
+        ("applied.csv", applied.clone(), 0, "applied"),
+        ("rejected.csv", rejected, 1, "rejected"),
+        ("duplicate.csv", applied, 0, "duplicate"),
+    ];
+    for (name, text, exit, status) in cases {
+        env.drop_file(name, &text);
+        assert_eq!(env.run_now_with(&[]), exit, "{name}");
+        let archived = env.processed(name, "").unwrap();
+        let ledger = env.batches().await;
+        assert_eq!(ledger.last().unwrap().1, status, "{name}");
+
+        for reports_moved in [false, true] {
+            unpublish(&env, name, reports_moved);
+            assert_eq!(
+                env.run_now_with(&[]),
+                exit,
+                "{name}, reports moved: {reports_moved}"
+            );
+            assert_eq!(env.batches().await, ledger, "{name}: no second record");
+            assert!(archived.is_file(), "{name}: moved to {archived:?}");
+            let report = archived.with_file_name(format!(
+                "{}.report.json",
+                archived.file_name().unwrap().to_str().unwrap()
+            ));
+            assert!(report.is_file(), "{name}: its report beside it");
+            assert!(
+                env.names_in(&env.incoming()).is_empty(),
+                "{name}: incoming is left empty"
+            );
+            assert!(!env.incoming().join(".tokensync").exists());
+        }
+    }
+    assert_eq!(
+        env.column("FIN-1", "udf_string_1").await.as_deref(),
+        Some("done")
+    );
+}
+
+/// A file whose archived copy and reports were cleared away, dropped again, is judged by
+/// its content as usual: a duplicate of an applied batch, or a new try of a rejected one.
+#[tokio::test]
+async fn a_file_dropped_again_after_its_archive_was_cleared_is_judged_anew() {
+    let env = TestEnv::new().await;
+    env.insert_token("CLR-1").await;
+    let applied = csv("udf_string_1", &["CLR-1,done"]);
+    let rejected = csv("udf_string_1", &["CLR-404,never"]);
+    for (name, text) in [("applied.csv", &applied), ("rejected.csv", &rejected)] {
+        env.drop_file(name, text);
+        env.run_now_with(&[]);
+    }
+    for dir in [env.archive(), env.failed()] {
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+    }
+    env.drop_file("applied.csv", &applied);
+    env.drop_file("rejected.csv", &rejected);
+
+    assert_eq!(
+        env.run_now_with(&[]),
+        1,
+        "the rejected file is rejected again"
+    );
+
+    assert_ledger(
+        &env,
+        &[
+            ("applied.csv", "applied"),
+            ("rejected.csv", "rejected"),
+            ("applied.csv", "duplicate"),
+            ("rejected.csv", "rejected"),
+        ],
+    )
+    .await;
+    assert!(env.names_in(&env.incoming()).is_empty());
 }
