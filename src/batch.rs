@@ -15,13 +15,13 @@ use crate::claim::{self, Claim, Judgement, RecordedBatch};
 use crate::config::{ApplyMethod, Config, OnRowError};
 use crate::db::DbError;
 use crate::error::{ErrorCode, RowError};
+use crate::feed::{self, Feed, Parcel};
 use crate::incoming::{BatchFile, sha256_of};
 use crate::report::{self, Report, ReportFiles, Status};
-use crate::row::{self, Row, Rows, Span};
+use crate::row::{Row, Span};
 use crate::shutdown::Shutdown;
 use crate::sightings::Sightings;
 use crate::telemetry;
-use crate::update::CustomFieldDefinitions;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Client;
@@ -32,7 +32,6 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc;
 use tokio_postgres::GenericClient;
 use tokio_postgres::Transaction;
 use uuid::Uuid;
@@ -62,13 +61,6 @@ struct Tally {
     file_fault: Option<RowError>,
     /// How far into the (decompressed) file the rows counted so far reach.
     bytes_read: u64,
-}
-
-/// What the reader thread sends: chunks of rows in file order, then possibly a file fault
-/// (the end).
-enum Parcel {
-    Chunk(Chunk),
-    Fault(RowError),
 }
 
 /// The way rows reach the table: one by one, or in chunks (see [`crate::bulk`]).
@@ -578,52 +570,23 @@ async fn apply_rows(
 ) -> anyhow::Result<(Tally, Option<Span>)> {
     let definitions = Arc::new(apply::load_custom_fields(&*tx).await?);
     let sightings = match (is_dry_run, config.apply.method) {
-        (true, ApplyMethod::SetBased) => read_sightings(file, config, &definitions).await,
+        (true, ApplyMethod::SetBased) => {
+            feed::sightings(file, config.read_options(), Arc::clone(&definitions)).await
+        }
         _ => None,
     };
     let engine = Engine::new(config, tx, is_dry_run, sightings).await?;
 
-    // The reader prepares the next chunk while one is applied, and no further: it takes
-    // the channel's one place before it gathers a chunk, so at most two chunks are held.
-    let (sender, mut receiver) = mpsc::channel::<Parcel>(1);
-    let path = file.path.clone();
-    let kind = file.kind;
-    let options = config.read_options();
-    let chunk_rows = engine.chunk_rows();
     let is_set_based = engine.is_set_based();
-    let reader = tokio::task::spawn_blocking(move || {
-        let runtime = tokio::runtime::Handle::current();
-        let send = |parcel: Parcel| {
-            runtime
-                .block_on(sender.reserve())
-                .map(|place| place.send(parcel))
-                .is_ok()
-        };
-        let input = match row::open(&path, kind, options.max_file_bytes) {
-            Ok(input) => input,
-            Err(error) => {
-                send(Parcel::Fault(row::file_fault(&error)));
-                return None;
-            }
-        };
-        let rows = match Rows::new(input, kind.format, &options, &definitions) {
-            Ok(rows) => rows,
-            Err(error) => {
-                send(Parcel::Fault(error));
-                return None;
-            }
-        };
-        let header_span = rows.header_span();
-        let prepare = |rows: Vec<Row>| match is_set_based {
-            true => Chunk::prepared(rows, is_dry_run),
-            false => Chunk::new(rows),
-        };
-        read_chunks(rows, chunk_rows, &sender, &runtime, prepare);
-        header_span
-    });
+    let prepare = move |rows: Vec<Row>| match is_set_based {
+        true => Chunk::prepared(rows, is_dry_run),
+        false => Chunk::new(rows),
+    };
+    let options = config.read_options();
+    let mut feed = Feed::start(file, options, definitions, engine.chunk_rows(), prepare);
 
     let mut tally = Tally::default();
-    while let Some(parcel) = receiver.recv().await {
+    while let Some(parcel) = feed.next().await {
         let chunk = match parcel {
             Parcel::Chunk(chunk) => chunk,
             Parcel::Fault(fault) => {
@@ -645,74 +608,5 @@ async fn apply_rows(
             bar.set_position(tally.bytes_read);
         }
     }
-    drop(receiver);
-    let header_span = reader.await.expect("the reader thread does not panic");
-    Ok((tally, header_span))
-}
-
-/// The first pass of a set-based dry run: the codes every row of `file` names or sets (see
-/// [`crate::sightings`]). `None` when the file cannot be read; the second pass says why.
-async fn read_sightings(
-    file: &BatchFile,
-    config: &Config,
-    definitions: &Arc<CustomFieldDefinitions>,
-) -> Option<Sightings> {
-    let (path, kind) = (file.path.clone(), file.kind);
-    let options = config.read_options();
-    let definitions = Arc::clone(definitions);
-    tokio::task::spawn_blocking(move || {
-        let input = row::open(&path, kind, options.max_file_bytes).ok()?;
-        let rows = Rows::new(input, kind.format, &options, &definitions).ok()?;
-        let mut sightings = Sightings::default();
-        for row in rows.flatten() {
-            if let Ok(update) = &row.update {
-                sightings.record(update);
-            }
-        }
-        Some(sightings)
-    })
-    .await
-    .expect("the first pass does not panic")
-}
-
-/// Sends the rows in chunks of `chunk_rows`, each made by `prepare`, then the file fault
-/// that ended them, if any. It waits for the channel's place to be free before it gathers
-/// a chunk, so it reads one chunk ahead of the one being applied. Stops early when the
-/// receiver is gone.
-fn read_chunks(
-    rows: Rows,
-    chunk_rows: usize,
-    sender: &mpsc::Sender<Parcel>,
-    runtime: &tokio::runtime::Handle,
-    prepare: impl Fn(Vec<Row>) -> Chunk,
-) {
-    let mut rows = rows.peekable();
-    while rows.peek().is_some() {
-        let Ok(place) = runtime.block_on(sender.reserve()) else {
-            return;
-        };
-        let mut gathered = Vec::with_capacity(chunk_rows);
-        let mut fault = None;
-        while gathered.len() < chunk_rows {
-            match rows.next() {
-                Some(Ok(row)) => gathered.push(row),
-                Some(Err(error)) => {
-                    fault = Some(error);
-                    break;
-                }
-                None => break,
-            }
-        }
-        if !gathered.is_empty() {
-            place.send(Parcel::Chunk(prepare(gathered)));
-        } else if let Some(fault) = fault.take() {
-            place.send(Parcel::Fault(fault));
-        }
-        if let Some(fault) = fault {
-            if let Ok(place) = runtime.block_on(sender.reserve()) {
-                place.send(Parcel::Fault(fault));
-            }
-            return;
-        }
-    }
+    Ok((tally, feed.finish().await))
 }

@@ -35,6 +35,7 @@
 use crate::apply::{Applier, RowOutcome};
 use crate::db::DbError;
 use crate::error::RowError;
+use crate::patch;
 use crate::plain::{self, PlainOutcome};
 use crate::row::Row;
 use crate::secret;
@@ -108,7 +109,7 @@ pub struct Chunk {
     /// The plain rows, as positions among the rows that parsed.
     plain_rows: Vec<usize>,
     /// The plain rows' lines of the patch table, in the same order.
-    staged: plain::Staged,
+    staged: patch::Staged,
 }
 
 impl Chunk {
@@ -117,7 +118,7 @@ impl Chunk {
         Chunk {
             rows,
             plain_rows: Vec::new(),
-            staged: plain::Staged::default(),
+            staged: patch::Staged::default(),
         }
     }
 
@@ -130,13 +131,13 @@ impl Chunk {
         let plain_rows: Vec<usize> = (0..updates.len())
             .filter(|&i| plain::is_plain(updates[i]))
             .collect();
-        let pass_codes = plain::new_pass_codes(&updates, &plain_rows);
+        let pass_codes = patch::new_pass_codes(&updates, &plain_rows);
         let hashes = if is_dry_run {
             vec![secret::DRY_RUN_HASH.to_owned(); pass_codes.len()]
         } else {
             tokio::runtime::Handle::current().block_on(secret::hash_many(pass_codes))
         };
-        let staged = plain::stage(&updates, &plain_rows, hashes);
+        let staged = patch::stage(&updates, &plain_rows, hashes);
         chunk.plain_rows = plain_rows;
         chunk.staged = staged;
         chunk
@@ -162,7 +163,7 @@ struct Lane {
 
 impl Lane {
     /// Their lines of the patch table.
-    fn lines<'c>(&self, chunk: &'c Chunk) -> Cow<'c, plain::Staged> {
+    fn lines<'c>(&self, chunk: &'c Chunk) -> Cow<'c, patch::Staged> {
         if self.staged.len() == chunk.staged.len() {
             Cow::Borrowed(&chunk.staged)
         } else {
@@ -202,7 +203,7 @@ impl BulkApplier {
         let settings = "SET LOCAL enable_mergejoin = off; SET LOCAL random_page_cost = 1.1";
         tx.batch_execute(&format!(
             "{STAGING_SQL}; {}; {settings}",
-            plain::PATCH_TABLE_SQL
+            patch::PATCH_TABLE_SQL
         ))
         .await
         .map_err(DbError::query("cannot create the staging table"))?;
