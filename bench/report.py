@@ -75,6 +75,10 @@ def check(ok, text):
     print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
 
 
+# The size the speed target of issue 4 is set for; at other sizes the ratio is shown only.
+TARGET_SIZE = 1_000_000
+
+
 def targets(results, facts, size):
     """The measurable targets of issue 4 for one size."""
     rows = by_key(results[size])
@@ -82,7 +86,11 @@ def targets(results, facts, size):
     psql, csv, jsonl, validate = (rows.get(k) for k in (PSQL, "csv", "jsonl", "validate"))
     if psql and csv:
         ratio = csv["seconds"] / psql["seconds"]
-        check(ratio <= 1.10, f"tokensync CSV {ratio:.2f}x the psql pipeline (at most 1.10x)")
+        text = f"tokensync CSV {ratio:.2f}x the psql pipeline"
+        if size == TARGET_SIZE:
+            check(ratio <= 1.10, f"{text} (at most 1.10x)")
+        else:
+            print(f"  [info] {text} (the target of at most 1.10x is set at {TARGET_SIZE:,} rows)")
     for r in (csv, jsonl, validate):
         if r:
             check(r["rss_mib"] <= 64,
