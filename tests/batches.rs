@@ -857,3 +857,82 @@ async fn a_file_dropped_again_after_its_archive_was_cleared_is_judged_anew() {
     .await;
     assert!(env.names_in(&env.incoming()).is_empty());
 }
+
+/// Tokens that another transaction changes while the batch waits for them are seen as that
+/// transaction left them, by both methods, as if the rows were applied one by one: one
+/// token's authentication code moved, so the row naming the old code finds no token; the
+/// other token already holds the value its row sets, so that row changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_changed_meanwhile_by_another_transaction_is_seen_as_changed() {
+    for method in ["set-based", "row-by-row"] {
+        let env = TestEnv::new().await;
+        env.insert_token("CON-1").await;
+        env.insert_token("CON-2").await;
+        let text = csv("udf_string_1", &["CON-1,first", "CON-2,second"]);
+        env.drop_file("concurrent.csv", text);
+
+        let (other, connection) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        other
+            .batch_execute(
+                "BEGIN; UPDATE access_tokens SET authentication_code = 'CON-1-MOVED' \
+                 WHERE authentication_code = 'CON-1'; \
+                 UPDATE access_tokens SET udf_string_1 = 'second' \
+                 WHERE authentication_code = 'CON-2'",
+            )
+            .await
+            .unwrap();
+
+        let (dir, config) = (env.path().to_owned(), env.config_path());
+        let run = tokio::task::spawn_blocking(move || {
+            let args = ["--config", config.to_str().unwrap(), "--run-now"];
+            let envs = [SKIP_ROW, ("TOKENSYNC_APPLY_METHOD", method)];
+            common::run_binary(&dir, &args, &envs)
+        });
+        // Let go of the token only once the batch waits for it. (Asked outside the other
+        // transaction, which would see the activity as it was when it began.)
+        let waiting = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        let mut waited = Duration::ZERO;
+        while env
+            .client
+            .query_one(waiting, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+        {
+            if run.is_finished() {
+                let output = run.await.unwrap();
+                panic!("{method}: the batch ended without waiting: {output:?}");
+            }
+            assert!(
+                waited < Duration::from_secs(60),
+                "{method}: the batch never waited"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            waited += Duration::from_millis(20);
+        }
+        other.batch_execute("COMMIT").await.unwrap();
+        let output = run.await.unwrap();
+
+        assert_eq!(output.status.code(), Some(1), "{method}: {output:?}");
+        assert_eq!(
+            lines_and_codes(&env, "concurrent.csv"),
+            [(Some(2), "ACCESS_TOKEN_NOT_FOUND".to_owned())],
+            "{method}"
+        );
+        let report = env.report("concurrent.csv");
+        assert_eq!(report["rows_applied"], 0, "{method}: {report}");
+        assert_eq!(report["rows_unchanged"], 1, "{method}: {report}");
+        assert_eq!(report["rows_failed"], 1, "{method}: {report}");
+        assert_eq!(env.column("CON-1-MOVED", "udf_string_1").await, None);
+        assert_eq!(
+            env.column("CON-2", "udf_string_1").await.as_deref(),
+            Some("second"),
+            "{method}"
+        );
+    }
+}
