@@ -304,8 +304,9 @@ async fn validate(
         .transaction()
         .await
         .map_err(DbError::query("cannot begin a dry run"))?;
-    let is_unmoved = |_: &RecordedBatch| false;
-    if claim::judge(&*tx, &report.sha256, &file.name, is_unmoved).await? == Judgement::New {
+    // A dry run finishes nothing: a recorded batch's file waits for the next real scan.
+    let never = |_: &RecordedBatch| false;
+    if claim::judge(&*tx, &report.sha256, &file.name, never).await? == Judgement::New {
         let mut sink = Sink::Errors(on_error);
         let (tally, _) = apply_rows(
             config,
@@ -350,8 +351,8 @@ async fn apply_claimed(
         .await
         .map_err(DbError::query("cannot begin a batch"))?;
     claim::lock_content(&*tx, &report.sha256).await?;
-    let is_unmoved = |batch: &RecordedBatch| is_unmoved(config, &work_dir, batch);
-    let judgement = claim::judge(&*tx, &report.sha256, &file.name, is_unmoved).await?;
+    let unmoved = |batch: &RecordedBatch| is_unmoved(config, &work_dir, batch);
+    let judgement = claim::judge(&*tx, &report.sha256, &file.name, unmoved).await?;
     if let Judgement::Unfinished(batch) = judgement {
         tx.rollback()
             .await

@@ -300,6 +300,7 @@ impl BulkApplier {
                 Ok(next) => changed.push((i, next, found.row_version.clone())),
             }
         }
+
         let checked_ms = clock.elapsed().as_millis() as u64;
         let written = self.write(tx, &changed).await?;
         let written_ms = clock.elapsed().as_millis() as u64;
@@ -539,7 +540,7 @@ async fn fetch(
 }
 
 /// Which of `values` a token holds in `column`.
-pub(crate) async fn taken(
+async fn taken(
     tx: &Transaction<'_>,
     column: &str,
     values: &[&str],

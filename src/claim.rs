@@ -35,7 +35,6 @@
 
 use crate::db::DbError;
 use crate::report::Status;
-use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
 
@@ -118,7 +117,6 @@ pub struct RecordedBatch {
     pub id: Uuid,
     pub status: Status,
     pub archive_name: String,
-    pub started_at: DateTime<Utc>,
 }
 
 /// Judges a file by its content and name. `is_unmoved` tells whether the file of a ledger
@@ -132,7 +130,7 @@ pub async fn judge(
     file_name: &str,
     is_unmoved: impl Fn(&RecordedBatch) -> bool,
 ) -> Result<Judgement, DbError> {
-    let sql = "SELECT id, status, archive_name, started_at FROM batches \
+    let sql = "SELECT id, status, archive_name FROM batches \
                WHERE sha256 = $1 AND file_name = $2 AND archive_name IS NOT NULL \
                ORDER BY started_at DESC LIMIT 1";
     let latest = client
@@ -147,7 +145,6 @@ pub async fn judge(
             id: row.get(0),
             status,
             archive_name: row.get(2),
-            started_at: row.get(3),
         };
         if is_unmoved(&batch) {
             return Ok(Judgement::Unfinished(batch));
