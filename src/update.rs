@@ -242,6 +242,11 @@ impl<'d> UpdateBuilder<'d> {
         let Some(text) = self.string(name, value) else {
             return;
         };
+        // A pass code is only ever hashed and verified here; the other parts are looked up.
+        // A part refused here still counts as given: the row fails for that reason alone.
+        if part != KeyPart::PassCode {
+            self.check_storable(name, &text);
+        }
         let slot = match part {
             KeyPart::AuthenticationCode => &mut self.key_authentication_code,
             KeyPart::Identifier => &mut self.key_identifier,
@@ -462,9 +467,26 @@ impl<'d> UpdateBuilder<'d> {
         }
     }
 
+    /// Whether PostgreSQL can store `text`; records the error if not. Its `text` type cannot
+    /// hold the NUL character, and a value with one would fail the whole batch there.
+    fn check_storable(&mut self, name: &str, text: &str) -> bool {
+        let is_storable = !text.contains('\0');
+        if !is_storable {
+            let message = "must not contain the NUL character";
+            self.error(Some(name), ErrorCode::InvalidValue, message);
+        }
+        is_storable
+    }
+
+    /// `text` if PostgreSQL can store it (see [`Self::check_storable`]).
+    fn storable(&mut self, name: &str, text: String) -> Option<String> {
+        self.check_storable(name, &text).then_some(text)
+    }
+
     /// An authentication code or identifier: 1 to `max_chars` characters.
     fn code(&mut self, name: &str, value: RawValue<'_>, max_chars: usize) -> Option<String> {
         let text = self.string(name, value)?;
+        let text = self.storable(name, text)?;
         let chars = text.chars().count();
         if chars == 0 || chars > max_chars {
             let message = format!("must be 1 to {max_chars} characters long");
@@ -499,6 +521,7 @@ impl<'d> UpdateBuilder<'d> {
 
     fn udf_string(&mut self, name: &str, value: RawValue<'_>) -> Option<String> {
         let text = self.string(name, value)?;
+        let text = self.storable(name, text)?;
         if text.chars().count() > 255 {
             self.error(
                 Some(name),
@@ -613,8 +636,12 @@ impl<'d> UpdateBuilder<'d> {
                 ErrorCode::InvalidValue,
                 format!("expected {expected}"),
             );
+            return None;
         }
-        typed
+        match typed {
+            Some(Value::String(text)) => self.storable(name, text).map(Value::String),
+            typed => typed,
+        }
     }
 }
 
@@ -675,6 +702,33 @@ mod tests {
             .into_iter()
             .map(|e| (e.field, e.code))
             .collect()
+    }
+
+    #[test]
+    fn nul_characters_are_refused_where_postgresql_would_store_them() {
+        let defs = definitions();
+        let mut builder = UpdateBuilder::new(4, &defs);
+        builder.set_key(KeyPart::AuthenticationCode, RawValue::Text("AC\u{0}1"));
+        builder.set_field(Field::UdfString(0), RawValue::Text("a\0b"));
+        builder.set_custom_field("tier", RawValue::Text("g\0ld"));
+        let fields: Vec<Option<String>> = codes(builder.finish())
+            .into_iter()
+            .map(|(field, code)| {
+                assert_eq!(code, ErrorCode::InvalidValue);
+                field
+            })
+            .collect();
+        let expected = [
+            "access_token_identifier.authentication_code",
+            "udf_string_1",
+            "custom_field_set.tier",
+        ];
+        assert_eq!(fields, expected.map(|f| Some(f.to_owned())));
+
+        let mut builder = UpdateBuilder::new(5, &defs);
+        builder.set_key(KeyPart::AuthenticationCode, RawValue::Text("AC1"));
+        builder.set_field(Field::PassCode, RawValue::Text("p\0ss"));
+        assert!(builder.finish().is_ok(), "a pass code is only hashed");
     }
 
     #[test]

@@ -1456,3 +1456,49 @@ async fn rows_unchanged_counts_rows_that_change_nothing() {
         );
     }
 }
+
+/// PostgreSQL's text cannot hold the NUL character: a value with one is refused as
+/// `INVALID_VALUE` on its own row (it would otherwise fail the whole batch at the database,
+/// and the file would stay in incoming for ever). A pass code, only ever hashed, may hold
+/// one.
+#[tokio::test]
+async fn nul_characters_are_refused_where_postgresql_stores_text() {
+    let invalid = "INVALID_VALUE";
+    for format in FORMATS {
+        let env = TestEnv::new().await;
+        env.exec(CUSTOM_DEFINITIONS).await;
+        for i in 0..6 {
+            insert(&env, &format!("N{i}"), "").await;
+        }
+        let cases: Vec<Case> = vec![
+            (
+                by_code("N0").with("udf_string_1", "a\u{0}b"),
+                Some(("udf_string_1", invalid)),
+            ),
+            (
+                by_code("N1").with("identifier", "id\u{0}"),
+                Some(("identifier", invalid)),
+            ),
+            (
+                by_code("N2").with("custom_field_set.tier", "g\u{0}ld"),
+                Some(("custom_field_set.tier", invalid)),
+            ),
+            (
+                by_code("N3\u{0}").with("udf_string_1", "x"),
+                Some((KEY_CODE, invalid)),
+            ),
+            (by_code("N4").with("pass_code", "p\u{0}ss"), None),
+            (by_code("N5").with("udf_string_1", "fine"), None),
+        ];
+        let name = run_cases(&env, format, "nul", &cases);
+
+        assert_counts(&env, &name, "partially_applied", 2, 0, 4);
+        assert_eq!(env.column("N0", "udf_string_1").await, None);
+        assert_eq!(
+            env.column("N5", "udf_string_1").await.as_deref(),
+            Some("fine")
+        );
+        let hash = env.column("N4", "pass_code_hash").await.unwrap();
+        assert!(verifies(&hash, "p\u{0}ss"), "{format:?}");
+    }
+}
