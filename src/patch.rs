@@ -3,7 +3,7 @@
 //! that apply those lines.
 //!
 //! [`stage`] encodes a chunk's lines before the chunk is applied, off the async workers (see
-//! [`crate::copy`]). The statements are written for the chunk's [`Shape`]: a column no row
+//! [`crate::copy`]). The statements are written for the chunk's `Shape`: a column no row
 //! specifies is left out, one that every row specifies is assigned as is, and only the
 //! others are assigned with a `CASE` on the row's mask that keeps the current value.
 
@@ -271,12 +271,12 @@ impl Staged {
         self.lines.send(tx, &self.shape.copy_sql()).await
     }
 
-    /// The update that applies the lines (see [`Shape::update_sql`]).
+    /// The update that applies the lines (see `Shape::update_sql`).
     pub fn update_sql(&self) -> String {
         self.shape.update_sql()
     }
 
-    /// The query that checks the lines whose `idx` is in `$1` (see [`Shape::verdict_sql`]).
+    /// The query that checks the lines whose `idx` is in `$1` (see `Shape::verdict_sql`).
     pub fn verdict_sql(&self) -> String {
         self.shape.verdict_sql()
     }

@@ -31,7 +31,7 @@ const TOKEN_COLUMNS: &str = "t.id, t.classification_id, t.authentication_code, t
     t.custom_fields, t.created_at, t.updated_at, \
     coalesce(c.auto_generate_authentication_code, false), coalesce(c.credit_card, false)";
 
-/// A query of tokens with [`TOKEN_COLUMNS`], then their version as `row_version` (for
+/// A query of tokens with `TOKEN_COLUMNS`, then their version as `row_version` (for
 /// writes guarded by `xmin`), where `condition` holds (it may end with a locking clause).
 pub fn select_sql(condition: &str) -> String {
     format!(
@@ -90,7 +90,7 @@ pub struct Token {
 }
 
 impl Token {
-    /// Reads a token from a row of [`TOKEN_COLUMNS`].
+    /// Reads a token from a row of `TOKEN_COLUMNS`.
     pub fn from_row(row: &Row) -> Token {
         let custom_fields = match row.get::<_, Value>(22) {
             Value::Object(map) => map,
