@@ -41,6 +41,11 @@ pub fn ready_files(incoming: &Path, min_file_age: Duration) -> io::Result<Vec<Ba
         let entry = entry?;
         let path = entry.path();
         let Some(file) = BatchFile::from_path(&path) else {
+            let name = entry.file_name();
+            let lossy = name.to_string_lossy();
+            if name.to_str().is_none() && FileKind::from_name(&lossy).is_some() {
+                crate::telemetry::file_name_not_utf8(&lossy);
+            }
             continue;
         };
         if file.name.starts_with('.') {

@@ -162,6 +162,16 @@ pub fn batch_interrupted(file: &str, error: &anyhow::Error, is_database_down: bo
 pub fn file_claimed_elsewhere(file: &str) {
     tracing::info!(file, "File held by another instance; left to it.");
 }
+
+/// A file whose name would make it a batch file, but is not UTF-8: it cannot be recorded
+/// or reported by name, so it is left where it is, at every scan, until it is renamed.
+pub fn file_name_not_utf8(file: &str) {
+    tracing::warn!(
+        file,
+        "File name is not UTF-8; the file is left alone until renamed."
+    );
+}
+
 /// A scan of `paths.incoming` found `ready` files.
 pub fn scan_finished(ready: usize) {
     tracing::debug!(ready, "Scan finished.");

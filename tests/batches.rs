@@ -487,6 +487,28 @@ async fn hidden_temporary_and_linked_files_are_ignored() {
     assert!(target.exists());
 }
 
+/// A batch file whose name is not UTF-8 cannot be recorded or reported by name: it is left
+/// in incoming, untouched, with a warning that says why, and the run has nothing to do.
+#[tokio::test]
+async fn a_file_name_that_is_not_utf8_is_left_alone_with_a_warning() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = TestEnv::new().await;
+    env.insert_token("UTF-1").await;
+    let before = env.tokens_snapshot().await;
+    let name = std::ffi::OsStr::from_bytes(b"tokens-\xff.csv");
+    let path = env.incoming().join(name);
+    std::fs::write(&path, csv("udf_string_1", &["UTF-1,never"])).unwrap();
+
+    let output = env.run_with(&["--run-now"], &[]);
+
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let stderr = common::text(&output.stderr);
+    assert!(stderr.contains("File name is not UTF-8"), "{stderr}");
+    assert!(path.is_file(), "the file stays where it is");
+    assert_eq!(env.tokens_snapshot().await, before);
+    assert!(env.batches().await.is_empty());
+}
+
 /// A processed file is named `<YYYYmmddTHHMMSSZ>-<name>` (the UTC time it was taken), with
 /// its reports beside it under the same name plus a suffix.
 #[tokio::test]
