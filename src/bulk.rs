@@ -132,11 +132,8 @@ impl Chunk {
             .filter(|&i| plain::is_plain(updates[i]))
             .collect();
         let pass_codes = patch::new_pass_codes(&updates, &plain_rows);
-        let hashes = if is_dry_run {
-            vec![secret::DRY_RUN_HASH.to_owned(); pass_codes.len()]
-        } else {
-            tokio::runtime::Handle::current().block_on(secret::hash_many(pass_codes))
-        };
+        let hashes =
+            tokio::runtime::Handle::current().block_on(secret::hashes_for(pass_codes, is_dry_run));
         let staged = patch::stage(&updates, &plain_rows, hashes);
         chunk.plain_rows = plain_rows;
         chunk.staged = staged;
@@ -421,12 +418,9 @@ impl BulkApplier {
         }
         let taken_codes = taken(tx, "authentication_code", &new_codes).await?;
         let taken_identifiers = taken(tx, "identifier", &new_identifiers).await?;
-        let mut hashes = if self.is_dry_run {
-            vec![secret::DRY_RUN_HASH.to_owned(); pass_codes.len()]
-        } else {
-            secret::hash_many(pass_codes).await
-        }
-        .into_iter();
+        let mut hashes = secret::hashes_for(pass_codes, self.is_dry_run)
+            .await
+            .into_iter();
 
         let mut states = Vec::with_capacity(rows.len());
         for &i in rows {

@@ -6,9 +6,10 @@
 use crate::bulk::Chunk;
 use crate::error::RowError;
 use crate::incoming::BatchFile;
-use crate::row::{self, ReadOptions, Row, Rows, Span};
+use crate::row::{self, FileKind, ReadOptions, Row, Rows, Span};
 use crate::sightings::Sightings;
 use crate::update::CustomFieldDefinitions;
+use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -47,17 +48,10 @@ impl Feed {
                     place.send(parcel);
                 }
             };
-            let input = match row::open(&path, kind, options.max_file_bytes) {
-                Ok(input) => input,
-                Err(error) => {
-                    send(Parcel::Fault(row::file_fault(&error)));
-                    return None;
-                }
-            };
-            let rows = match Rows::new(input, kind.format, &options, &definitions) {
+            let rows = match open_rows(&path, kind, &options, &definitions) {
                 Ok(rows) => rows,
-                Err(error) => {
-                    send(Parcel::Fault(error));
+                Err(fault) => {
+                    send(Parcel::Fault(fault));
                     return None;
                 }
             };
@@ -90,8 +84,7 @@ pub async fn sightings(
 ) -> Option<Sightings> {
     let (path, kind) = (file.path.clone(), file.kind);
     tokio::task::spawn_blocking(move || {
-        let input = row::open(&path, kind, options.max_file_bytes).ok()?;
-        let rows = Rows::new(input, kind.format, &options, &definitions).ok()?;
+        let rows = open_rows(&path, kind, &options, &definitions).ok()?;
         let mut sightings = Sightings::default();
         for row in rows.flatten() {
             if let Ok(update) = &row.update {
@@ -102,6 +95,17 @@ pub async fn sightings(
     })
     .await
     .expect("the first pass does not panic")
+}
+
+/// The rows of the file at `path`, or the file-level fault that keeps them from being read.
+fn open_rows<'d>(
+    path: &Path,
+    kind: FileKind,
+    options: &ReadOptions,
+    definitions: &'d CustomFieldDefinitions,
+) -> Result<Rows<'d>, RowError> {
+    let input = row::open(path, kind, options.max_file_bytes).map_err(|e| row::file_fault(&e))?;
+    Rows::new(input, kind.format, options, definitions)
 }
 
 /// Sends the rows in chunks of `chunk_rows`, each made by `prepare`, then the file fault

@@ -164,19 +164,15 @@ pub async fn check(
         return Ok(Vec::new());
     }
     let started = std::time::Instant::now();
-    staged
-        .copy_in(tx)
+    let mut verdicts: Vec<Option<Verdict>> = Vec::new();
+    verdicts.resize_with(updates.len(), || None);
+    let checked = async {
+        staged.copy_in(tx).await?;
+        explain(tx, staged, rows, &mut verdicts).await
+    };
+    checked
         .await
         .map_err(DbError::query("cannot check a chunk"))?;
-    let all: Vec<i32> = rows.iter().map(|&i| i as i32).collect();
-    let verdicts = tx
-        .query(&staged.verdict_sql(), &[&all])
-        .await
-        .map_err(DbError::query("cannot check a chunk"))?;
-    let mut found: HashMap<i32, (bool, bool, bool)> = HashMap::with_capacity(verdicts.len());
-    for row in verdicts {
-        found.insert(row.get(0), (row.get(2), row.get(3), row.get(4)));
-    }
     tracing::debug!(
         rows = rows.len(),
         check_ms = started.elapsed().as_millis() as u64,
@@ -185,7 +181,13 @@ pub async fn check(
 
     let outcomes = rows.iter().map(|&i| {
         let update = updates[i];
-        let Some(&(is_code_taken, is_credit_card, is_changed)) = found.get(&(i as i32)) else {
+        let Some(Verdict::Left {
+            is_code_taken,
+            is_credit_card,
+            is_changed,
+            ..
+        }) = verdicts[i]
+        else {
             return RowOutcome::Failed(vec![token::not_found_error(update.line)]);
         };
         match refusal(update, is_code_taken, is_credit_card) {
@@ -251,19 +253,8 @@ async fn stage_and_apply(
 
     // Usually every row is written; only the others are looked at again.
     if written < staged.len() {
-        let left: Vec<i32> = (0..chunk_rows)
-            .filter(|&i| verdicts[i].is_none())
-            .map(|i| i as i32)
-            .collect();
-        for row in tx.query(&staged.verdict_sql(), &[&left]).await? {
-            let idx: i32 = row.get(0);
-            verdicts[idx as usize] = Some(Verdict::Left {
-                id: row.get(1),
-                is_code_taken: row.get(2),
-                is_credit_card: row.get(3),
-                is_changed: row.get(4),
-            });
-        }
+        let left: Vec<usize> = (0..chunk_rows).filter(|&i| verdicts[i].is_none()).collect();
+        explain(tx, staged, &left, &mut verdicts).await?;
     }
     tracing::debug!(
         rows = staged.len(),
@@ -272,4 +263,25 @@ async fn stage_and_apply(
         "Plain rows applied."
     );
     Ok(verdicts)
+}
+
+/// Runs the verdict query for the staged rows `rows` (their `idx`), and records a
+/// [`Verdict::Left`] for each whose token exists.
+async fn explain(
+    tx: &Transaction<'_>,
+    staged: &Staged,
+    rows: &[usize],
+    verdicts: &mut [Option<Verdict>],
+) -> Result<(), tokio_postgres::Error> {
+    let idx: Vec<i32> = rows.iter().map(|&i| i as i32).collect();
+    for row in tx.query(&staged.verdict_sql(), &[&idx]).await? {
+        let idx: i32 = row.get(0);
+        verdicts[idx as usize] = Some(Verdict::Left {
+            id: row.get(1),
+            is_code_taken: row.get(2),
+            is_credit_card: row.get(3),
+            is_changed: row.get(4),
+        });
+    }
+    Ok(())
 }

@@ -371,14 +371,12 @@ impl<'d> CsvRows<'d> {
     /// its line, which ends the file, since where such a record ends cannot be known
     /// without reading it all.
     fn record_too_large(&self, start: &csv::Position) -> RowError {
-        let window = lock(&self.window);
-        let skipped = window
-            .bytes
-            .iter()
-            .take_while(|&&byte| byte == b'\n' || byte == b'\r')
-            .filter(|&&byte| byte == b'\n')
-            .count();
-        let line = start.line() + skipped as u64;
+        // Nothing is read after this, so the window may be spent to count the blank lines
+        // before the record, as for any row.
+        let mut window = lock(&self.window);
+        let end = window.base + window.bytes.len() as u64;
+        let (skipped, _) = skip_line_ends(&mut window, start.byte(), end);
+        let line = start.line() + skipped;
         let message = "the row is larger than apply.max_row_bytes, and the rest of the file \
                        cannot be read (is a quote left open?)";
         RowError::row(line, ErrorCode::RowTooLarge, message)

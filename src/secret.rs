@@ -59,6 +59,15 @@ pub async fn hash_many(pass_codes: Vec<Secret>) -> Vec<String> {
     across_cores(pass_codes, |pass_code| hash_pass_code_blocking(&pass_code)).await
 }
 
+/// The hashes to store for these pass codes, in order: [`hash_many`], or in a dry run, which
+/// keeps nothing, [`DRY_RUN_HASH`] for each without the cost of hashing.
+pub async fn hashes_for(pass_codes: Vec<Secret>, is_dry_run: bool) -> Vec<String> {
+    match is_dry_run {
+        true => vec![DRY_RUN_HASH.to_owned(); pass_codes.len()],
+        false => hash_many(pass_codes).await,
+    }
+}
+
 /// Verifies many (pass code, stored hash) pairs across every core, keeping their order.
 ///
 /// # Panics
